@@ -1,0 +1,70 @@
+# The one task runner. `make demo` and `make test` set everything up on a fresh machine:
+# a virtualenv (.venv), the Go-built tools (in ~/.cache/llama4-operator, keyed by version).
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+LLAMA4CTL := $(BIN)/llama4ctl
+PYTEST_ARGS ?=
+
+.PHONY: help venv tools system-deps lint fmt test test-unit test-integration test-e2e demo demo-down bench clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	@echo "==> python environment ($(VENV)): installing the project with its dev extras"
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip uv
+	$(BIN)/uv pip install --python $(BIN)/python --quiet -e '.[dev]'
+	@touch $@
+
+venv: $(VENV)/.installed ## create .venv with the project and its dev tools
+
+tools: venv system-deps ## build (or reuse) etcd, Kubernetes, KWOK, Helm and KubeRay in the cache
+	$(LLAMA4CTL) dev tools
+
+# Prometheus and promtool come from Debian's packages (the tests run promtool and Prometheus).
+system-deps: ## install Prometheus/promtool from the distribution when missing (needs root or sudo)
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+		echo "==> installing prometheus (promtool) from the distribution's packages"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus; }
+
+fmt: venv ## format the code
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+lint: venv ## ruff, strict mypy, import layering
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+test: lint tools ## everything CI runs: lint, unit, integration and e2e tests
+	$(BIN)/pytest tests $(PYTEST_ARGS)
+
+test-unit: venv ## unit tests only (no cluster)
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: tools ## integration tests on the real local control plane
+	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
+
+test-e2e: tools ## end-to-end tests
+	$(BIN)/pytest tests/e2e $(PYTEST_ARGS)
+
+demo: tools ## the local demo: control plane with simulated GPU nodes (Ctrl-C or `make demo-down` stops it)
+	$(LLAMA4CTL) dev demo
+
+demo-down: venv ## stop everything the demo started
+	$(LLAMA4CTL) dev cluster down
+
+bench: venv ## run every benchmark and print figures beside their baselines
+	@for b in benchmarks/*/run.py; do echo "==> $$b"; $(BIN)/python $$b; done
+
+clean: ## remove the virtualenv (the tool cache in ~/.cache/llama4-operator stays)
+	rm -rf $(VENV)

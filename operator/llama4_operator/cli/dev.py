@@ -1,0 +1,210 @@
+"""`llama4ctl dev ...`: the local development environment (tools, control plane, demo)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Sequence
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from llama4_operator.devenv import tools as devtools
+from llama4_operator.devenv.cluster import ClusterConfig, ClusterError, LocalCluster
+from llama4_operator.devenv.demo import Demo, DemoError
+from llama4_operator.devenv.nodes import (
+    GPU_MODELS,
+    GPU_PRODUCT_LABEL,
+    NODE_POOL_LABEL,
+    NVLINK_DOMAIN_LABEL,
+    ZONE_LABEL,
+    NodePool,
+    parse_pool,
+)
+
+console = Console(stderr=True, log_path=False)
+
+name_option = click.option(
+    "--name", default="dev", show_default=True, help="Cluster name (state in the cache)."
+)
+
+
+def _pools(pool_specs: Sequence[str], nodes: int, gpus_per_node: int, gpu: str) -> list[NodePool]:
+    if pool_specs:
+        try:
+            return [parse_pool(spec, index) for index, spec in enumerate(pool_specs)]
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="--pool") from error
+    return [NodePool(count=nodes, gpus_per_node=gpus_per_node, gpu=gpu)]
+
+
+def _cluster(name: str, pools: Sequence[NodePool] = (), kuberay: bool = True) -> LocalCluster:
+    return LocalCluster(ClusterConfig(name=name, pools=tuple(pools), kuberay=kuberay), console)
+
+
+@click.group()
+def dev() -> None:
+    """Local development environment: pinned tools, a real control plane, the demo."""
+
+
+@dev.command("tools")
+@click.argument("names", nargs=-1, type=click.Choice([t.name for t in devtools.TOOLS]))
+def tools_command(names: tuple[str, ...]) -> None:
+    """Build (or reuse) the pinned tools: etcd, Kubernetes (with kubectl), KWOK, Helm, KubeRay.
+
+    With NAMES, only those. Builds go to ~/.cache/llama4-operator (or $LLAMA4_CACHE_DIR),
+    keyed by version; a verified build is reused.
+    """
+    try:
+        built = devtools.ensure_tools(names, console=console)
+    except devtools.ToolBootstrapError as error:
+        raise click.ClickException(str(error)) from error
+    for item in built.values():
+        click.echo(f"{item.name}\t{item.version}\t{item.bin_dir}")
+
+
+@dev.group()
+def cluster() -> None:
+    """A real control plane on 127.0.0.1 with simulated GPU nodes (KWOK)."""
+
+
+@cluster.command("up")
+@name_option
+@click.option("--nodes", default=16, show_default=True, help="Simulated GPU nodes (one pool).")
+@click.option("--gpus-per-node", default=8, show_default=True)
+@click.option("--gpu", type=click.Choice(sorted(GPU_MODELS)), default="h100", show_default=True)
+@click.option(
+    "--pool",
+    "pool_specs",
+    multiple=True,
+    metavar="[NAME=]GPU:COUNTxGPUS[,zones=Z][,nvlink=N]",
+    help="A node pool (repeatable); replaces --nodes/--gpus-per-node/--gpu. E.g. h100:16x8.",
+)
+@click.option("--kuberay/--no-kuberay", default=True, show_default=True, help="Run KubeRay.")
+def cluster_up(
+    name: str, nodes: int, gpus_per_node: int, gpu: str, pool_specs: tuple[str, ...], kuberay: bool
+) -> None:
+    """Start the control plane and create the simulated GPU nodes; leaves it running."""
+    local = _cluster(name, _pools(pool_specs, nodes, gpus_per_node, gpu), kuberay)
+    try:
+        local.up()
+    except (ClusterError, devtools.ToolBootstrapError) as error:
+        raise click.ClickException(str(error)) from error
+    _print_env(local)
+
+
+@cluster.command("down")
+@name_option
+def cluster_down(name: str) -> None:
+    """Stop every process of the cluster and delete its state."""
+    try:
+        _cluster(name).down()
+    except ClusterError as error:
+        raise click.ClickException(str(error)) from error
+
+
+@cluster.command("status")
+@name_option
+def cluster_status(name: str) -> None:
+    """Show the cluster's components, ports and simulated GPU nodes."""
+    local = _cluster(name)
+    status = local.status()
+    if not status["components"]:
+        raise click.ClickException(f"cluster {name!r} is not running")
+    table = Table("component", "running", "port", title=f"cluster {name}")
+    for component, running in status["components"].items():
+        port = status["ports"].get(_PORT_OF.get(component, component), "")
+        table.add_row(component, "yes" if running else "[red]no", str(port))
+    console.print(table)
+    _print_nodes(local)
+    _print_env(local)
+
+
+_PORT_OF = {
+    "kube-apiserver": "apiserver",
+    "kube-controller-manager": "controller_manager",
+    "kube-scheduler": "scheduler",
+    "kuberay-operator": "kuberay_probe",
+}
+
+
+@dev.command("env")
+@name_option
+def env_command(name: str) -> None:
+    """Print shell exports (PATH to the tools, KUBECONFIG): eval "$(llama4ctl dev env)"."""
+    local = _cluster(name)
+    bins = ":".join(str(t.bin_dir) for t in devtools.TOOLS)
+    click.echo(f"export PATH={bins}:$PATH")
+    click.echo(f"export KUBECONFIG={local.kubeconfig}")
+
+
+@dev.command("kubectl", context_settings={"ignore_unknown_options": True})
+@name_option
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def kubectl_command(name: str, args: tuple[str, ...]) -> None:
+    """Run the pinned kubectl against the local cluster: llama4ctl dev kubectl get nodes."""
+    local = _cluster(name)
+    kubectl = devtools.tool("kubernetes").binary("kubectl")
+    os.execve(kubectl, [str(kubectl), *args], {**os.environ, "KUBECONFIG": str(local.kubeconfig)})
+
+
+@dev.command("demo")
+@name_option
+@click.option("--detach", is_flag=True, help="Leave it running; stop with `make demo-down`.")
+def demo_command(name: str, detach: bool) -> None:
+    """The local demo: a real control plane with 16 simulated 8-GPU H100 nodes, KubeRay and the
+    operator; applies the Scout and Maverick samples and shows their fit and placement.
+
+    Runs in the foreground until Ctrl-C, then stops everything (or --detach).
+    """
+    local = _cluster(name, [NodePool()])
+    try:
+        if not local.running_processes():
+            local.up()
+        _print_nodes(local)
+        demo = Demo(local, console)
+        demo.start()
+        demo.show(demo.wait_until_placed())
+    except (ClusterError, DemoError, devtools.ToolBootstrapError) as error:
+        raise click.ClickException(
+            f"{error}\n(stop it with: llama4ctl dev cluster down)"
+        ) from error
+    _print_env(local)
+    if detach:
+        return
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    console.print("[bold]Running; press Ctrl-C to stop everything.")
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        local.down()
+
+
+def _print_nodes(local: LocalCluster) -> None:
+    table = Table(
+        "node", "ready", "gpus", "product", "pool", "nvlink domain", "zone", title="GPU nodes"
+    )
+    for node in local.nodes():
+        labels = node["labels"]
+        table.add_row(
+            node["name"],
+            "Ready" if node["ready"] else "[red]NotReady",
+            str(node["gpus"]),
+            labels.get(GPU_PRODUCT_LABEL, ""),
+            labels.get(NODE_POOL_LABEL, ""),
+            labels.get(NVLINK_DOMAIN_LABEL, ""),
+            labels.get(ZONE_LABEL, ""),
+        )
+    console.print(table)
+
+
+def _print_env(local: LocalCluster) -> None:
+    console.print(
+        f"\nexport KUBECONFIG={local.kubeconfig}\n"
+        f'# or: llama4ctl dev kubectl get nodes   |   eval "$(llama4ctl dev env)"'
+    )

@@ -1,0 +1,145 @@
+"""`llama4ctl operator`: run the Llama4Deployment operator (Kopf, in this process)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import secrets
+
+import click
+import kopf
+
+from llama4_operator import kube, metrics
+from llama4_operator.handlers import config as operator_config
+
+
+@click.command("operator")
+@click.option(
+    "--namespace",
+    "-n",
+    "namespaces",
+    multiple=True,
+    metavar="NS",
+    help="Watch this namespace (repeatable; glob patterns such as 'team-*' work).",
+)
+@click.option(
+    "--all-namespaces",
+    "-A",
+    is_flag=True,
+    help="Watch every namespace (the default when no --namespace is given).",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=operator_config.DEFAULT_METRICS_PORT,
+    show_default=True,
+    help="Serve the operator's Prometheus metrics on this port (0: off).",
+)
+@click.option(
+    "--external-ray-dashboard",
+    metavar="URL",
+    envvar=operator_config.ENV_EXTERNAL_RAY,
+    help=(
+        "Deploy Serve applications to this existing Ray cluster's dashboard (e.g. "
+        "http://ray-head:8265) instead of creating RayServices."
+    ),
+)
+@click.option(
+    "--kubeconfig",
+    type=click.Path(exists=True, dir_okay=False),
+    envvar="KUBECONFIG",
+    help="Kubeconfig file (default: in-cluster config, else ~/.kube/config).",
+)
+@click.option(
+    "--resync-interval",
+    type=click.FloatRange(min=1),
+    default=operator_config.DEFAULT_RESYNC_S,
+    show_default=True,
+    help="Seconds between re-checks of each resource (drift, health).",
+)
+@click.option(
+    "--image",
+    default=operator_config.DEFAULT_IMAGE,
+    show_default=True,
+    envvar=operator_config.ENV_IMAGE,
+    help="Default container image of the Ray pods (spec.engine.image overrides it).",
+)
+@click.option(
+    "--ray-accelerator-resource",
+    default="GPU",
+    show_default=True,
+    envvar=operator_config.ENV_ACCELERATOR,
+    help=(
+        "Ray resource each expert shard takes: GPU, or a custom resource (e.g. fake_gpu) on a "
+        "CPU Ray cluster for demos."
+    ),
+)
+@click.option("--verbose", "-v", is_flag=True, help="Log every reconciliation step (debug).")
+@click.option(
+    "--peering",
+    metavar="NAME",
+    help="Coordinate with other operator instances through this Kopf peering object.",
+)
+@click.option(
+    "--peering-priority",
+    type=click.IntRange(min=0),
+    help=(
+        "This instance's priority among peers: only the highest live one acts, the others "
+        "stand by. Default: a random one, so that replicas never tie (a tie pauses all)."
+    ),
+)
+def operator_command(
+    *,
+    namespaces: tuple[str, ...],
+    all_namespaces: bool,
+    metrics_port: int,
+    external_ray_dashboard: str | None,
+    kubeconfig: str | None,
+    resync_interval: float,
+    image: str,
+    peering: str | None,
+    peering_priority: int | None,
+    verbose: bool,
+    ray_accelerator_resource: str,
+) -> None:
+    """Run the Llama4Deployment operator against a cluster until interrupted."""
+    if namespaces and all_namespaces:
+        raise click.UsageError("give --namespace or --all-namespaces, not both")
+    settings = {
+        operator_config.ENV_METRICS_PORT: str(metrics_port),
+        operator_config.ENV_RESYNC: str(resync_interval),
+        operator_config.ENV_IMAGE: image,
+        operator_config.ENV_EXTERNAL_RAY: external_ray_dashboard or "",
+        operator_config.ENV_PEERING: peering or "",
+        operator_config.ENV_ACCELERATOR: ray_accelerator_resource,
+    }
+    if kubeconfig:
+        settings[operator_config.ENV_KUBECONFIG] = os.path.abspath(kubeconfig)
+    try:
+        operator_config.OperatorConfig.from_env(settings)
+    except operator_config.ConfigError as error:
+        raise click.BadParameter(str(error)) from error
+    try:
+        kube.load_client_config(settings.get(operator_config.ENV_KUBECONFIG))
+    except kube.KubeConfigError as error:
+        raise click.ClickException(str(error)) from error
+    if metrics_port:
+        try:
+            metrics.serve(metrics_port)
+        except OSError as error:
+            raise click.ClickException(
+                f"cannot serve metrics on port {metrics_port}: {error}; pick another "
+                "--metrics-port (0 turns metrics off)"
+            ) from error
+    # The handlers read these when imported (the timer's interval is fixed at registration).
+    os.environ.update(settings)
+    kopf.configure(debug=verbose, verbose=verbose)  # INFO logs by default, DEBUG with -v
+    importlib.import_module("llama4_operator.handlers.kopf_handlers")  # registers the handlers
+    kopf.run(
+        clusterwide=not namespaces,
+        namespaces=list(namespaces),
+        standalone=peering is None,
+        peering_name=peering,
+        priority=secrets.randbelow(2**31) if peering_priority is None else peering_priority,
+        registry=kopf.get_default_registry(),
+    )

@@ -1,0 +1,1 @@
+"""The local development environment: pinned tools and a real local control plane."""

@@ -1,0 +1,547 @@
+"""A real Kubernetes control plane on 127.0.0.1, with KWOK simulating GPU nodes.
+
+etcd, kube-apiserver (RBAC and PodSecurity admission on), kube-controller-manager, kube-scheduler,
+the KWOK controller and, optionally, the KubeRay operator run as local processes on free ports.
+Everything a cluster owns lives in one state directory (PKI, kubeconfigs, etcd data, logs and a
+process table), so `down` from any process can stop it and leave nothing behind. The CLI
+(`llama4ctl dev cluster`), the demo and the test fixtures all use this class.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+from rich.console import Console
+
+from llama4_operator.devenv import paths, pki
+from llama4_operator.devenv import tools as devtools
+from llama4_operator.devenv.nodes import GPU_RESOURCE, SIMULATED_NODE_LABEL, NodePool
+
+LOOPBACK = "127.0.0.1"
+SERVICE_CIDR = "10.96.0.0/16"
+POD_CIDR = "10.244.0.0/16"
+
+
+class ClusterError(RuntimeError):
+    """A component did not start or did not become healthy; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    name: str = "dev"
+    pools: tuple[NodePool, ...] = (NodePool(),)
+    kuberay: bool = True
+    state_dir: Path | None = None
+    start_timeout_s: float = 120.0
+
+    @property
+    def directory(self) -> Path:
+        return self.state_dir or paths.clusters_dir() / self.name
+
+
+@dataclass
+class Component:
+    name: str
+    command: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def port_is_bound(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((LOOPBACK, port))
+        except OSError:
+            return True
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _process_started_from(pid: int, directory: Path) -> bool:
+    """Guard against killing an unrelated process that reused a recorded pid: every component
+    runs with the cluster's state directory as its working directory."""
+    try:
+        return Path(f"/proc/{pid}/cwd").resolve() == directory.resolve()
+    except OSError:
+        return False
+
+
+def _kubeconfig(server: str, ca: Path, user: str, pair: pki.KeyPair) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {"name": "local", "cluster": {"server": server, "certificate-authority": str(ca)}}
+        ],
+        "users": [
+            {
+                "name": user,
+                "user": {"client-certificate": str(pair.cert), "client-key": str(pair.key)},
+            }
+        ],
+        "contexts": [{"name": user, "context": {"cluster": "local", "user": user}}],
+        "current-context": user,
+    }
+
+
+class LocalCluster:
+    """One local control plane. Use as a context manager, or `up()` / `down()`."""
+
+    def __init__(self, config: ClusterConfig | None = None, console: Console | None = None):
+        self.config = config or ClusterConfig()
+        self.console = console or Console(stderr=True, log_path=False)
+        self.directory = self.config.directory
+        self.kubeconfig = self.directory / "kubeconfig"
+        self._state_file = self.directory / "processes.json"
+
+    # -- state ------------------------------------------------------------------------------
+
+    def _read_state(self) -> dict[str, Any]:
+        try:
+            state: dict[str, Any] = json.loads(self._state_file.read_text())
+        except (OSError, ValueError):
+            return {"processes": {}, "ports": {}}
+        return state
+
+    def _write_state(self, state: dict[str, Any]) -> None:
+        self._state_file.write_text(json.dumps(state, indent=2))
+
+    def running_processes(self) -> dict[str, int]:
+        """Recorded components whose processes are still alive."""
+        processes: dict[str, int] = self._read_state()["processes"]
+        return {
+            name: pid
+            for name, pid in processes.items()
+            if _pid_alive(pid) and _process_started_from(pid, self.directory)
+        }
+
+    @property
+    def ports(self) -> dict[str, int]:
+        ports: dict[str, int] = self._read_state()["ports"]
+        return ports
+
+    @property
+    def server(self) -> str:
+        return f"https://{LOOPBACK}:{self.ports['apiserver']}"
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def __enter__(self) -> LocalCluster:
+        self.up()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.down()
+
+    def up(self) -> None:
+        if self.running_processes():
+            raise ClusterError(
+                f"cluster {self.config.name!r} is already running (state in {self.directory}); "
+                "run `llama4ctl dev cluster down` first"
+            )
+        started = time.monotonic()
+        tools = devtools.ensure_tools(
+            ["etcd", "kubernetes", "kwok", *(["kuberay"] if self.config.kuberay else [])],
+            console=self.console,
+        )
+        shutil.rmtree(self.directory, ignore_errors=True)
+        (self.directory / "logs").mkdir(parents=True)
+        state: dict[str, Any] = {"processes": {}, "ports": {}}
+        try:
+            self._start_control_plane(tools, state)
+            if self.config.kuberay:
+                self._start_kuberay(tools["kuberay"], state)
+            self._create_nodes()
+        except BaseException:
+            self.console.log("[red]start-up failed; stopping what was started")
+            self.down(keep_logs=True)
+            raise
+        self.console.log(
+            f"[green]✓[/] cluster {self.config.name!r} up in {time.monotonic() - started:.0f} s; "
+            f"KUBECONFIG={self.kubeconfig}"
+        )
+
+    def _start_control_plane(self, tools: dict[str, devtools.Tool], state: dict[str, Any]) -> None:
+        ports = state["ports"]
+        for name in ("etcd", "etcd_peer", "apiserver", "controller_manager", "scheduler", "kwok"):
+            ports[name] = free_port()
+        pki_dir = self.directory / "pki"
+        ca = pki.CertificateAuthority(pki_dir)
+        serving = ca.issue(
+            "apiserver",
+            "kube-apiserver",
+            hosts=(LOOPBACK, "localhost", "10.96.0.1", "kubernetes", "kubernetes.default.svc"),
+        )
+        service_accounts = ca.signing_key("service-accounts")
+        server = f"https://{LOOPBACK}:{ports['apiserver']}"
+        kubeconfigs = {}
+        for user, common_name, groups in (
+            ("admin", "llama4-admin", ("system:masters",)),
+            ("controller-manager", "system:kube-controller-manager", ()),
+            ("scheduler", "system:kube-scheduler", ()),
+            ("kwok", "llama4-kwok", ("system:masters",)),
+        ):
+            pair = ca.issue(user, common_name, groups=groups)
+            target = self.directory / ("kubeconfig" if user == "admin" else f"{user}.kubeconfig")
+            target.write_text(yaml.safe_dump(_kubeconfig(server, ca.cert_path, user, pair)))
+            kubeconfigs[user] = str(target)
+        self._write_state(state)
+
+        kube = tools["kubernetes"]
+        data = self.directory / "etcd-data"
+        etcd_url = f"http://{LOOPBACK}:{ports['etcd']}"
+        self._start(
+            state,
+            Component(
+                "etcd",
+                [
+                    str(tools["etcd"].binary()),
+                    f"--name={self.config.name}",
+                    f"--data-dir={data}",
+                    f"--listen-client-urls={etcd_url}",
+                    f"--advertise-client-urls={etcd_url}",
+                    f"--listen-peer-urls=http://{LOOPBACK}:{ports['etcd_peer']}",
+                    f"--initial-advertise-peer-urls=http://{LOOPBACK}:{ports['etcd_peer']}",
+                    f"--initial-cluster={self.config.name}=http://{LOOPBACK}:{ports['etcd_peer']}",
+                    "--unsafe-no-fsync",
+                    "--quota-backend-bytes=8589934592",
+                    "--log-level=warn",
+                ],
+            ),
+            ready=lambda: httpx.get(f"{etcd_url}/health", timeout=2).status_code == 200,
+        )
+        self._start(
+            state,
+            Component(
+                "kube-apiserver",
+                [
+                    str(kube.binary("kube-apiserver")),
+                    f"--etcd-servers={etcd_url}",
+                    f"--bind-address={LOOPBACK}",
+                    f"--advertise-address={LOOPBACK}",
+                    f"--secure-port={ports['apiserver']}",
+                    "--endpoint-reconciler-type=none",
+                    f"--cert-dir={pki_dir}",
+                    f"--tls-cert-file={serving.cert}",
+                    f"--tls-private-key-file={serving.key}",
+                    f"--client-ca-file={ca.cert_path}",
+                    f"--service-cluster-ip-range={SERVICE_CIDR}",
+                    "--authorization-mode=Node,RBAC",
+                    "--enable-admission-plugins=NodeRestriction",
+                    "--allow-privileged=true",
+                    f"--service-account-key-file={service_accounts.cert}",
+                    f"--service-account-signing-key-file={service_accounts.key}",
+                    "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                    "--profiling=false",
+                    "--v=0",
+                ],
+            ),
+            ready=lambda: self._api_ready("/readyz"),
+        )
+        common = [f"--bind-address={LOOPBACK}", "--leader-elect=false", "--profiling=false"]
+        self._start(
+            state,
+            Component(
+                "kube-controller-manager",
+                [
+                    str(kube.binary("kube-controller-manager")),
+                    *common,
+                    f"--secure-port={ports['controller_manager']}",
+                    f"--cert-dir={self.directory / 'controller-manager-certs'}",
+                    *self._delegated_auth(kubeconfigs["controller-manager"]),
+                    f"--service-account-private-key-file={service_accounts.key}",
+                    f"--root-ca-file={ca.cert_path}",
+                    "--use-service-account-credentials=true",
+                    f"--service-cluster-ip-range={SERVICE_CIDR}",
+                    "--controllers=*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller",
+                ],
+            ),
+            ready=lambda: self._component_healthy(ports["controller_manager"]),
+        )
+        self._start(
+            state,
+            Component(
+                "kube-scheduler",
+                [
+                    str(kube.binary("kube-scheduler")),
+                    *common,
+                    f"--secure-port={ports['scheduler']}",
+                    f"--cert-dir={self.directory / 'scheduler-certs'}",
+                    *self._delegated_auth(kubeconfigs["scheduler"]),
+                ],
+            ),
+            ready=lambda: self._component_healthy(ports["scheduler"]),
+        )
+        kwok = tools["kwok"]
+        self._start(
+            state,
+            Component(
+                "kwok",
+                [
+                    str(kwok.binary()),
+                    f"--kubeconfig={kubeconfigs['kwok']}",
+                    f"--config={kwok.home / 'stages.yaml'}",
+                    "--manage-all-nodes=false",
+                    "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+                    f"--cidr={POD_CIDR}",
+                    f"--node-ip={LOOPBACK}",
+                    "--node-lease-duration-seconds=40",
+                    f"--server-address={LOOPBACK}:{ports['kwok']}",
+                ],
+            ),
+            ready=lambda: (
+                httpx.get(f"http://{LOOPBACK}:{ports['kwok']}/healthz", timeout=2).status_code
+                == 200
+            ),
+        )
+
+    @staticmethod
+    def _delegated_auth(kubeconfig: str) -> list[str]:
+        return [
+            f"--kubeconfig={kubeconfig}",
+            f"--authentication-kubeconfig={kubeconfig}",
+            f"--authorization-kubeconfig={kubeconfig}",
+        ]
+
+    def _start_kuberay(self, kuberay: devtools.Tool, state: dict[str, Any]) -> None:
+        from kubernetes import utils  # noqa: PLC0415  (the client is only needed once up)
+
+        api = self.api_client()
+        for crd in sorted((kuberay.home / "crds").glob("*.yaml")):
+            utils.create_from_yaml(api, str(crd))
+        metrics, probe = free_port(), free_port()
+        state["ports"].update({"kuberay_metrics": metrics, "kuberay_probe": probe})
+        self._start(
+            state,
+            Component(
+                "kuberay-operator",
+                [
+                    str(kuberay.binary()),
+                    f"--metrics-addr={LOOPBACK}:{metrics}",
+                    f"--health-probe-bind-address={LOOPBACK}:{probe}",
+                    "--enable-leader-election=false",
+                    "--log-stdout-encoder=console",
+                    f"--kubeconfig={self.kubeconfig}",
+                ],
+            ),
+            ready=lambda: (
+                httpx.get(f"http://{LOOPBACK}:{probe}/readyz", timeout=2).status_code == 200
+            ),
+        )
+
+    def start_component(
+        self, component: Component, ready: Callable[[], bool], port: int | None = None
+    ) -> None:
+        """Run one more process as part of the cluster (the demo's operator, say), so that
+        `down` stops it with the rest."""
+        state = self._read_state()
+        if port is not None:
+            state["ports"][component.name] = port
+        self._start(state, component, ready)
+
+    def _start(
+        self, state: dict[str, Any], component: Component, ready: Callable[[], bool]
+    ) -> None:
+        log_path = self.directory / "logs" / f"{component.name}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                component.command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **component.env},
+                cwd=self.directory,
+                start_new_session=True,  # its own process group: `down` stops its children too
+            )
+        state["processes"][component.name] = process.pid
+        self._write_state(state)
+        with self.console.status(f"starting {component.name} ..."):
+            deadline = time.monotonic() + self.config.start_timeout_s
+            while True:
+                if process.poll() is not None:
+                    raise ClusterError(
+                        f"{component.name} exited with code {process.returncode} during start-up; "
+                        f"last log lines ({log_path}):\n{_tail(log_path)}"
+                    )
+                with contextlib.suppress(httpx.HTTPError, OSError):
+                    if ready():
+                        break
+                if time.monotonic() > deadline:
+                    raise ClusterError(
+                        f"{component.name} not healthy after {self.config.start_timeout_s:.0f} s; "
+                        f"last log lines ({log_path}):\n{_tail(log_path)}"
+                    )
+                time.sleep(0.2)
+        self.console.log(f"[green]✓[/] {component.name} (pid {process.pid})")
+
+    def _admin_http(self) -> httpx.Client:
+        pki_dir = self.directory / "pki"
+        tls = ssl.create_default_context(cafile=pki_dir / "ca.crt")
+        tls.load_cert_chain(pki_dir / "admin.crt", pki_dir / "admin.key")
+        return httpx.Client(base_url=self.server, verify=tls, timeout=5)
+
+    def _api_ready(self, path: str) -> bool:
+        with self._admin_http() as client:
+            return client.get(path).status_code == 200
+
+    @staticmethod
+    def _component_healthy(port: int) -> bool:
+        # Self-signed serving certs; /healthz is readable anonymously by default.
+        return httpx.get(f"https://{LOOPBACK}:{port}/healthz", verify=False, timeout=2).text == "ok"
+
+    def api_client(self) -> Any:
+        """A `kubernetes` ApiClient authenticated as the cluster admin."""
+        from kubernetes import config  # noqa: PLC0415
+
+        return config.new_client_from_config(config_file=str(self.kubeconfig))
+
+    def _create_nodes(self) -> None:
+        from kubernetes import client  # noqa: PLC0415
+
+        from llama4_operator.devenv.nodes import node_manifests  # noqa: PLC0415
+
+        manifests = [node for pool in self.config.pools for node in node_manifests(pool)]
+        if not manifests:
+            return
+        core = client.CoreV1Api(self.api_client())
+        with (
+            self.console.status(f"creating {len(manifests)} simulated GPU nodes ..."),
+            ThreadPoolExecutor(max_workers=8) as pool,
+        ):
+            list(pool.map(core.create_node, manifests))
+        self.wait_for_nodes(len(manifests))
+
+    def wait_for_nodes(self, expected: int) -> None:
+        deadline = time.monotonic() + max(self.config.start_timeout_s, expected * 0.2)
+        with self.console.status(f"waiting for {expected} nodes to be Ready ...") as status:
+            while True:
+                ready = sum(node["ready"] for node in self.nodes())
+                status.update(f"waiting for nodes to be Ready: {ready}/{expected}")
+                if ready >= expected:
+                    break
+                if time.monotonic() > deadline:
+                    raise ClusterError(
+                        f"only {ready} of {expected} simulated nodes became Ready; "
+                        f"see {self.directory / 'logs' / 'kwok.log'}"
+                    )
+                time.sleep(0.5)
+        self.console.log(f"[green]✓[/] {expected} simulated GPU nodes Ready")
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """Simulated nodes with readiness and allocatable GPUs (for status and tests)."""
+        with self._admin_http() as client:
+            response = client.get(
+                "/api/v1/nodes", params={"labelSelector": f"{SIMULATED_NODE_LABEL}=true"}
+            )
+            response.raise_for_status()
+        result = []
+        for item in response.json()["items"]:
+            conditions = item.get("status", {}).get("conditions") or []
+            result.append(
+                {
+                    "name": item["metadata"]["name"],
+                    "labels": item["metadata"].get("labels", {}),
+                    "ready": any(
+                        c["type"] == "Ready" and c["status"] == "True" for c in conditions
+                    ),
+                    "gpus": int(item["status"].get("allocatable", {}).get(GPU_RESOURCE, "0")),
+                }
+            )
+        return result
+
+    def down(self, keep_logs: bool = False) -> None:
+        """Stop every recorded process (process groups, newest first) and free the state."""
+        state = self._read_state()
+        ours = {
+            name: pid
+            for name, pid in state["processes"].items()
+            if _pid_alive(pid) and _process_started_from(pid, self.directory)
+        }
+        _stop_groups(list(ours.values()))
+        if ours:
+            self.console.log(f"stopped {', '.join(ours)}")
+        leftover = [port for port in state["ports"].values() if port_is_bound(port)]
+        if leftover:
+            time.sleep(1)  # sockets of just-stopped processes can take a moment to close
+            leftover = [port for port in leftover if port_is_bound(port)]
+        if leftover:
+            raise ClusterError(f"ports still bound after stopping the cluster: {leftover}")
+        if keep_logs:
+            shutil.rmtree(self.directory / "etcd-data", ignore_errors=True)
+            self._state_file.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def status(self) -> dict[str, Any]:
+        running = self.running_processes()
+        recorded = self._read_state()["processes"]
+        return {
+            "name": self.config.name,
+            "directory": str(self.directory),
+            "kubeconfig": str(self.kubeconfig) if self.kubeconfig.exists() else None,
+            "components": {name: name in running for name in recorded},
+            "ports": self.ports,
+        }
+
+
+def _stop_groups(pids: list[int], grace_s: float = 10.0) -> None:
+    """SIGTERM every process group at once, then SIGKILL what outlives the grace period."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while any(_group_alive(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+        time.sleep(0.05)
+
+
+def _group_alive(pgid: int) -> bool:
+    # Reap the leader first when it is our child: a zombie still answers killpg.
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pgid, os.WNOHANG)
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

@@ -1,0 +1,76 @@
+"""Operator-wide settings, read from the environment once (`llama4ctl operator` sets them from
+its flags before the handlers are imported; the Helm chart sets them on the Deployment)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import metadata
+
+ENV_IMAGE = "LLAMA4_SERVING_IMAGE"
+ENV_RAY_VERSION = "LLAMA4_RAY_VERSION"
+ENV_EXTERNAL_RAY = "LLAMA4_EXTERNAL_RAY_DASHBOARD"
+ENV_RESYNC = "LLAMA4_RESYNC_INTERVAL_SECONDS"
+ENV_METRICS_PORT = "LLAMA4_METRICS_PORT"
+ENV_KUBECONFIG = "KUBECONFIG"
+ENV_PEERING = "LLAMA4_PEERING"
+ENV_ACCELERATOR = "LLAMA4_RAY_ACCELERATOR_RESOURCE"
+
+DEFAULT_IMAGE = "llama4-serving:0.1.0"
+DEFAULT_RESYNC_S = 60.0
+DEFAULT_METRICS_PORT = 8080
+
+
+class ConfigError(ValueError):
+    """An operator setting that cannot be used."""
+
+
+def _default_ray_version() -> str:
+    try:
+        return metadata.version("ray")
+    except metadata.PackageNotFoundError:
+        return "2.60.0"
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """Settings every reconciliation shares."""
+
+    image: str = DEFAULT_IMAGE
+    ray_version: str = ""
+    external_ray_dashboard: str | None = None
+    resync_interval_s: float = DEFAULT_RESYNC_S
+    metrics_port: int = DEFAULT_METRICS_PORT
+    kubeconfig: str | None = None
+    peering: str | None = None
+    accelerator_resource: str = "GPU"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
+        env = os.environ if env is None else env
+        try:
+            resync = float(env.get(ENV_RESYNC, DEFAULT_RESYNC_S))
+            metrics_port = int(env.get(ENV_METRICS_PORT, DEFAULT_METRICS_PORT))
+        except ValueError as error:
+            raise ConfigError(
+                f"{ENV_RESYNC} must be a number of seconds and {ENV_METRICS_PORT} a port: {error}"
+            ) from error
+        if resync < 1:
+            raise ConfigError(f"{ENV_RESYNC} must be at least 1 second, got {resync}")
+        dashboard = env.get(ENV_EXTERNAL_RAY) or None
+        if dashboard and not dashboard.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"{ENV_EXTERNAL_RAY} must be an http(s) URL such as http://ray-head:8265, "
+                f"got {dashboard!r}"
+            )
+        return cls(
+            image=env.get(ENV_IMAGE) or DEFAULT_IMAGE,
+            ray_version=env.get(ENV_RAY_VERSION) or _default_ray_version(),
+            external_ray_dashboard=dashboard,
+            resync_interval_s=resync,
+            metrics_port=metrics_port,
+            kubeconfig=env.get(ENV_KUBECONFIG) or None,
+            peering=env.get(ENV_PEERING) or None,
+            accelerator_resource=env.get(ENV_ACCELERATOR) or "GPU",
+        )

@@ -1,0 +1,151 @@
+"""The Kopf handlers of `Llama4Deployment` (importing this module registers them).
+
+Thin by design: startup settings, one level-based reconcile for create/resume/update, a timer
+that re-applies drift (and is where autoscaling and rebalancing will run), and a delete handler
+behind the project's finalizer. A lock serialises reconciliations (see `_planning_lock`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+
+from llama4_operator import metrics
+from llama4_operator.api.models import GROUP, PLURAL, VERSION
+from llama4_operator.handlers.config import OperatorConfig
+from llama4_operator.handlers.reconcile import Reconciler
+from llama4_operator.kube import Kube, kopf_connection
+from llama4_operator.ray_dashboard import RayDashboard
+from llama4_operator.renderers.children import Owner, external_app_name
+
+CONFIG = OperatorConfig.from_env()
+FINALIZER = f"{GROUP}/finalizer"
+HANDLER_TIMEOUT_S = 300
+HANDLER_RETRIES = 20
+HANDLER_BACKOFF_S = 10
+
+_reconciler: Reconciler | None = None
+# One reconciliation at a time, all objects included: each plans against the GPUs the others
+# placed (their status), so two plans made side by side would claim the same free GPUs.
+_planning_lock = asyncio.Lock()
+
+
+def configure_settings(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
+    """Kopf bookkeeping under the project's names, and the operator's limits."""
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.posting.level = logging.WARNING  # handler warnings become Kubernetes events
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 30
+    settings.queueing.worker_limit = 16
+    settings.execution.max_workers = 8
+    settings.peering.standalone = config.peering is None
+    if config.peering is not None:
+        settings.peering.name = config.peering
+        settings.peering.mandatory = True
+
+
+def _runtime() -> Reconciler:
+    if _reconciler is None:
+        raise kopf.TemporaryError("the operator is still starting", delay=5)
+    return _reconciler
+
+
+@kopf.on.login()
+def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
+    """Log Kopf in with the same credentials the kube module uses (`--kubeconfig` honoured)."""
+    return kopf_connection(CONFIG.kubeconfig, settings.networking.trust_env)
+
+
+@kopf.on.startup()
+async def startup(
+    settings: kopf.OperatorSettings, logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any
+) -> None:
+    global _reconciler  # noqa: PLW0603 - one runtime per operator process, set at startup
+    configure_settings(settings, CONFIG)
+    dashboard = (
+        RayDashboard(CONFIG.external_ray_dashboard) if CONFIG.external_ray_dashboard else None
+    )
+    _reconciler = Reconciler(Kube.from_kubeconfig(CONFIG.kubeconfig), CONFIG, dashboard)
+    logger.info(
+        "llama4-operator started: metrics port %s, external Ray %s, resync every %.0fs",
+        CONFIG.metrics_port or "off",
+        CONFIG.external_ray_dashboard or "off",
+        CONFIG.resync_interval_s,
+    )
+
+
+async def _reconcile_locked(body: kopf.Body, logger: Any) -> None:
+    async with _planning_lock:
+        await _runtime().reconcile(body, logger)
+
+
+@kopf.on.resume(
+    GROUP,
+    VERSION,
+    PLURAL,
+    timeout=HANDLER_TIMEOUT_S,
+    retries=HANDLER_RETRIES,
+    backoff=HANDLER_BACKOFF_S,
+)
+@kopf.on.create(
+    GROUP,
+    VERSION,
+    PLURAL,
+    timeout=HANDLER_TIMEOUT_S,
+    retries=HANDLER_RETRIES,
+    backoff=HANDLER_BACKOFF_S,
+)
+@kopf.on.update(
+    GROUP,
+    VERSION,
+    PLURAL,
+    timeout=HANDLER_TIMEOUT_S,
+    retries=HANDLER_RETRIES,
+    backoff=HANDLER_BACKOFF_S,
+)
+async def reconcile(body: kopf.Body, logger: Any, **_: Any) -> None:
+    """Create, resume and update: make the children match the spec."""
+    await _reconcile_locked(body, logger)
+
+
+@kopf.timer(
+    GROUP,
+    VERSION,
+    PLURAL,
+    interval=CONFIG.resync_interval_s,
+    initial_delay=CONFIG.resync_interval_s,
+    timeout=HANDLER_TIMEOUT_S,
+)
+async def resync(body: kopf.Body, logger: Any, **_: Any) -> None:
+    """Undo drift (children edited or deleted by hand) and refresh health in status."""
+    try:
+        await _reconcile_locked(body, logger)
+    except kopf.PermanentError as error:
+        logger.debug("resync skipped: %s", error)  # already reported in status
+
+
+@kopf.on.delete(
+    GROUP,
+    VERSION,
+    PLURAL,
+    timeout=HANDLER_TIMEOUT_S,
+    retries=HANDLER_RETRIES,
+    backoff=HANDLER_BACKOFF_S,
+)
+async def delete(body: kopf.Body, logger: Any, **_: Any) -> None:
+    """Owner references remove the Kubernetes children; what they cannot reach goes here."""
+    meta = body["metadata"]
+    owner = Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
+    runtime = _runtime()
+    if runtime.dashboard is not None:
+        await runtime.dashboard.remove(external_app_name(owner))
+    metrics.forget(owner.namespace, owner.name)
+    logger.info("cleaned up %s/%s", owner.namespace, owner.name)

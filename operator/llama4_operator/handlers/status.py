@@ -1,0 +1,246 @@
+"""Status of a Llama4Deployment from what a reconciliation found (pure functions).
+
+Conditions follow metav1.Condition: `lastTransitionTime` changes only when the status does, and
+each carries the generation it was computed for. Health is read from the RayService (or the
+external Ray dashboard) and never assumed: without a RUNNING Serve application, Ready is False.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from llama4_operator.api.models import (
+    Condition,
+    FitStatus,
+    Llama4DeploymentStatus,
+    PlacementStatus,
+    ReplicaSummary,
+    WorkerSummary,
+)
+from llama4_operator.planners.gpu_products import GIB
+from llama4_operator.renderers.deployment import DesiredState
+
+RUNNING = "RUNNING"
+
+
+@dataclass(frozen=True)
+class ConditionUpdate:
+    """A condition as this reconciliation sees it."""
+
+    type: str
+    status: str
+    reason: str
+    message: str = ""
+
+    @property
+    def is_bad(self) -> bool:
+        """Whether a user should be warned about it."""
+        if self.type == "Degraded":
+            return self.status == "True"
+        return self.type in ("Ready", "Fits") and self.status == "False"
+
+
+@dataclass(frozen=True)
+class ServeHealth:
+    """The Serve application's state as its host reports it."""
+
+    status: str  # RUNNING, DEPLOYING, UNHEALTHY, ... or NOT_FOUND / UNREACHABLE
+    message: str = ""
+
+    @property
+    def running(self) -> bool:
+        return self.status == RUNNING
+
+
+def ray_service_health(ray_service: Mapping[str, Any] | None, app_name: str) -> ServeHealth:
+    """Read a KubeRay RayService's status for one Serve application."""
+    if ray_service is None:
+        return ServeHealth("NOT_FOUND", "the RayService does not exist yet")
+    status = ray_service.get("status") or {}
+    active = status.get("activeServiceStatus") or {}
+    apps = active.get("applicationStatuses") or {}
+    app = apps.get(app_name)
+    if not isinstance(app, Mapping):
+        pending = status.get("pendingServiceStatus") or {}
+        if (pending.get("applicationStatuses") or {}).get(app_name):
+            return ServeHealth("DEPLOYING", "the RayService is preparing a new Ray cluster")
+        return ServeHealth(
+            "NOT_STARTED", "KubeRay reports no Serve application yet (Ray cluster starting)"
+        )
+    return ServeHealth(str(app.get("status", "UNKNOWN")), str(app.get("message", "") or ""))
+
+
+def merge_conditions(
+    previous: Sequence[Mapping[str, Any]],
+    updates: Sequence[ConditionUpdate],
+    generation: int,
+    now: datetime,
+) -> list[Condition]:
+    """New conditions; each keeps its previous transition time while its status is unchanged."""
+    before = {str(c.get("type")): c for c in previous}
+    merged: list[Condition] = []
+    for update in updates:
+        old = before.get(update.type)
+        changed = old is None or old.get("status") != update.status
+        transition = now if changed or old is None else old.get("lastTransitionTime", now)
+        merged.append(
+            Condition.model_validate(
+                {
+                    "type": update.type,
+                    "status": update.status,
+                    "reason": update.reason,
+                    "message": update.message,
+                    "lastTransitionTime": transition,
+                    "observedGeneration": generation,
+                }
+            )
+        )
+    return merged
+
+
+def transitions(
+    previous: Sequence[Mapping[str, Any]], updates: Sequence[ConditionUpdate]
+) -> list[ConditionUpdate]:
+    """The updates whose status or reason differ from before: each deserves an event."""
+    before = {str(c.get("type")): c for c in previous}
+    return [
+        u
+        for u in updates
+        if (before.get(u.type) or {}).get("status") != u.status
+        or (before.get(u.type) or {}).get("reason") != u.reason
+    ]
+
+
+def invalid_spec_conditions(message: str) -> list[ConditionUpdate]:
+    return [
+        ConditionUpdate("Ready", "False", "InvalidSpec", message),
+        ConditionUpdate("Progressing", "False", "InvalidSpec", message),
+        ConditionUpdate("Degraded", "True", "InvalidSpec", message),
+        ConditionUpdate("Fits", "Unknown", "InvalidSpec", message),
+    ]
+
+
+def apply_failed_conditions(state: DesiredState, message: str) -> list[ConditionUpdate]:
+    """A child the API server refused: nothing new runs until the spec (or operator) changes."""
+    fits = deployment_conditions(state, None)[-1]
+    return [
+        ConditionUpdate("Ready", "False", "ApplyFailed", message),
+        ConditionUpdate("Progressing", "False", "ApplyFailed", message),
+        ConditionUpdate("Degraded", "True", "ApplyFailed", message),
+        fits,
+    ]
+
+
+def deployment_conditions(state: DesiredState, health: ServeHealth | None) -> list[ConditionUpdate]:
+    """Ready, Progressing, Degraded and Fits for a reconciled state."""
+    fit = state.fit
+    if not fit.fits:
+        return [
+            ConditionUpdate("Ready", "False", "DoesNotFit", "no replica can be placed"),
+            ConditionUpdate("Progressing", "False", "DoesNotFit", fit.message),
+            ConditionUpdate("Degraded", "True", "DoesNotFit", fit.message),
+            ConditionUpdate("Fits", "False", "DoesNotFit", fit.message),
+        ]
+    fits = ConditionUpdate("Fits", "True", "Fits", fit.message)
+    unplaced = state.placement.unplaced if state.placement else 0
+    degraded = (
+        ConditionUpdate(
+            "Degraded",
+            "True",
+            "InsufficientFreeGPUs",
+            state.placement.reason if state.placement else "",
+        )
+        if unplaced
+        else ConditionUpdate("Degraded", "False", "AsExpected", "every replica is placed")
+    )
+    if state.placed_replicas == 0:
+        ready = ConditionUpdate("Ready", "False", "NoReplicas", "no replica is placed")
+        progressing = ConditionUpdate(
+            "Progressing", "False", "NoReplicas", "spec.replicas is 0 or no replica fits now"
+        )
+    elif health is not None and health.running:
+        ready = ConditionUpdate("Ready", "True", "ServeApplicationRunning", "serving requests")
+        progressing = ConditionUpdate("Progressing", "False", "Deployed", "the plan is deployed")
+    else:
+        status = health.status if health else "UNKNOWN"
+        detail = f"Serve application status {status}"
+        if health and health.message:
+            detail += f": {health.message}"
+        ready = ConditionUpdate("Ready", "False", "ServeApplicationNotHealthy", detail)
+        progressing = ConditionUpdate("Progressing", "True", "Deploying", detail)
+    return [ready, progressing, degraded, fits]
+
+
+def fit_status(state: DesiredState) -> FitStatus:
+    fit = state.fit
+    layout, memory = fit.layout, fit.memory
+    return FitStatus(
+        fits=fit.fits,
+        gpu_product=fit.product.label if fit.product else None,
+        gpus_per_replica=layout.gpus if layout else 0,
+        nodes_per_replica=layout.nodes if layout else 0,
+        tensor_parallel=layout.tensor if layout else 0,
+        data_parallel=layout.data if layout else 0,
+        pipeline_parallel=layout.pipeline if layout else 0,
+        expert_parallel=layout.expert_width if layout else 0,
+        weights_gib_per_gpu=round(memory.weights / GIB, 2) if memory else 0.0,
+        kv_cache_gib_per_gpu=round(memory.kv_cache / GIB, 2) if memory else 0.0,
+        activations_gib_per_gpu=round(memory.activations / GIB, 2) if memory else 0.0,
+        usable_gib_per_gpu=round(memory.usable / GIB, 2) if memory else 0.0,
+        message=fit.message,
+    )
+
+
+def placement_status(state: DesiredState) -> PlacementStatus | None:
+    placement, layout = state.placement, state.fit.layout
+    if placement is None or layout is None:
+        return None
+    experts = state.experts
+    return PlacementStatus(
+        gpu_product=state.fit.product.label if state.fit.product else None,
+        gpus_per_node=layout.gpus_per_node,
+        nodes_per_replica=layout.nodes,
+        replicas=[
+            ReplicaSummary(
+                index=r.index,
+                workers=[WorkerSummary(node=w.node, gpus=w.gpus) for w in r.workers],
+            )
+            for r in placement.replicas
+        ],
+        unplaced=placement.unplaced,
+        reason=placement.reason,
+        expert_plan_version=experts.placement.version if experts else 0,
+        expert_balance=round(experts.balance, 4) if experts else 1.0,
+    )
+
+
+def build_status(
+    *,
+    generation: int,
+    conditions: list[Condition],
+    state: DesiredState | None,
+    health: ServeHealth | None,
+    selector: str,
+    endpoint: str,
+    tokens_per_second: float = 0.0,
+) -> dict[str, Any]:
+    """The status subresource, as the JSON to merge-patch."""
+    placed = state.placed_replicas if state else 0
+    status = Llama4DeploymentStatus(
+        observed_generation=generation,
+        conditions=conditions,
+        replicas=placed,
+        ready_replicas=placed if health is not None and health.running else 0,
+        selector=selector,
+        endpoint=endpoint if state is not None and state.fit.fits else "",
+        placement=placement_status(state) if state else None,
+        fit=fit_status(state) if state else None,
+        tokens_per_second=tokens_per_second,
+    )
+    patch: dict[str, Any] = status.model_dump(mode="json", exclude_none=True)
+    for key in ("placement", "fit"):
+        patch.setdefault(key, None)  # null in a merge patch removes a stale plan
+    return patch

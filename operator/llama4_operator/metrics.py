@@ -1,0 +1,78 @@
+"""The operator's own Prometheus metrics (prefix `llama4_operator_`), served on a port.
+
+Per-deployment gauges are keyed by namespace and name and removed when the deployment goes, so
+`llama4_operator_deployments` always counts the resources the operator currently manages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "Fits")
+CONDITION_STATUSES = ("True", "False", "Unknown")
+
+RECONCILE_DURATION = Histogram(
+    "llama4_operator_reconcile_duration_seconds",
+    "Time one reconciliation of a Llama4Deployment took.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    registry=REGISTRY,
+)
+RECONCILE_ERRORS = Counter(
+    "llama4_operator_reconcile_errors_total",
+    "Reconciliations that ended in an error, by kind (temporary, permanent, unexpected).",
+    ["kind"],
+    registry=REGISTRY,
+)
+FIT_FAILURES = Counter(
+    "llama4_operator_fit_failures_total",
+    "Reconciliations that found the model does not fit the cluster's GPUs.",
+    registry=REGISTRY,
+)
+DEPLOYMENTS = Gauge(
+    "llama4_operator_deployments",
+    "Managed Llama4Deployments by condition type and status.",
+    ["condition", "status"],
+    registry=REGISTRY,
+)
+EXPERT_BALANCE = Gauge(
+    "llama4_operator_expert_balance_ratio",
+    "Balance of the current expert plan: mean GPU expert load over the busiest GPU's (1 best).",
+    ["namespace", "name"],
+    registry=REGISTRY,
+)
+
+for _kind in ("temporary", "permanent", "unexpected"):
+    RECONCILE_ERRORS.labels(kind=_kind)  # exported as 0 from the start, so rates work
+
+# (namespace, name) -> {condition type: status}; the DEPLOYMENTS gauge is recomputed from it.
+_conditions: dict[tuple[str, str], dict[str, str]] = {}
+
+
+def record_conditions(namespace: str, name: str, conditions: Mapping[str, str]) -> None:
+    """Remember a deployment's condition statuses and refresh the per-condition gauge."""
+    _conditions[(namespace, name)] = dict(conditions)
+    _refresh_deployments()
+
+
+def forget(namespace: str, name: str) -> None:
+    """Drop a deleted deployment from every per-deployment metric."""
+    _conditions.pop((namespace, name), None)
+    _refresh_deployments()
+    with contextlib.suppress(KeyError):
+        EXPERT_BALANCE.remove(namespace, name)
+
+
+def _refresh_deployments() -> None:
+    for condition in CONDITION_TYPES:
+        for status in CONDITION_STATUSES:
+            count = sum(1 for c in _conditions.values() if c.get(condition) == status)
+            DEPLOYMENTS.labels(condition=condition, status=status).set(count)
+
+
+def serve(port: int, address: str = "0.0.0.0") -> None:
+    """Serve the metrics on http://address:port/metrics from a daemon thread."""
+    start_http_server(port, addr=address, registry=REGISTRY)

@@ -1,0 +1,1 @@
+"""Pure planners: plain data in, plain data out, no I/O."""

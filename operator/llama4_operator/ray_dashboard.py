@@ -1,0 +1,93 @@
+"""External-Ray mode: deploy Serve applications through an existing Ray cluster's dashboard.
+
+Ray's Serve REST API (https://docs.ray.io/en/latest/serve/api/rest-api.html): `PUT
+/api/serve/applications/` declaratively deploys a *complete* list of applications and removes any
+application not listed, so every write here reads the current declarative config first (`GET`,
+each application's `deployed_app_config`), replaces or drops only this deployment's application,
+and puts the whole list back. Applications deployed imperatively (no `deployed_app_config`) cannot
+be carried over; the dashboard refuses to mix the two, which surfaces as a temporary error.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import httpx
+import kopf
+
+APPLICATIONS_PATH = "/api/serve/applications/"
+TIMEOUT_S = 30.0
+RETRY_DELAY_S = 15.0
+# Ray clusters with token authentication want it as a bearer token.
+TOKEN_ENV = "RAY_AUTH_TOKEN"
+
+
+class RayDashboard:
+    """A Ray dashboard's Serve REST API."""
+
+    def __init__(self, url: str, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.url = url.rstrip("/")
+        self._transport = transport
+
+    def _client(self) -> httpx.AsyncClient:
+        token = os.environ.get(TOKEN_ENV)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.AsyncClient(
+            base_url=self.url, timeout=TIMEOUT_S, headers=headers, transport=self._transport
+        )
+
+    async def _details(self, http: httpx.AsyncClient) -> dict[str, Any]:
+        response = await http.get(APPLICATIONS_PATH)
+        response.raise_for_status()
+        body = response.json()
+        return body if isinstance(body, dict) else {}
+
+    @staticmethod
+    def _declared(details: dict[str, Any], without: str) -> list[dict[str, Any]]:
+        apps = details.get("applications") or {}
+        return [
+            app["deployed_app_config"]
+            for name, app in apps.items()
+            if name != without and isinstance(app, dict) and app.get("deployed_app_config")
+        ]
+
+    async def deploy(self, application: dict[str, Any]) -> None:
+        """Create or update one application, keeping the others. Nothing is sent when the
+        application is already declared as wanted: every PUT restarts a build in progress."""
+        await self._put_with(application["name"], application)
+
+    async def remove(self, name: str) -> None:
+        """Remove one application, keeping the others."""
+        await self._put_with(name, None)
+
+    async def _put_with(self, name: str, application: dict[str, Any] | None) -> None:
+        try:
+            async with self._client() as http:
+                details = await self._details(http)
+                current = ((details.get("applications") or {}).get(name) or {}).get(
+                    "deployed_app_config"
+                )
+                if current == application:
+                    return  # already declared as wanted (or already absent)
+                apps = self._declared(details, without=name)
+                if application is not None:
+                    apps.append(application)
+                response = await http.put(APPLICATIONS_PATH, json={"applications": apps})
+                response.raise_for_status()
+        except httpx.HTTPError as error:
+            raise kopf.TemporaryError(
+                f"Ray dashboard {self.url}: {error}", delay=RETRY_DELAY_S
+            ) from error
+
+    async def status(self, name: str) -> tuple[str, str]:
+        """(status, message) of one application, e.g. ("RUNNING", ""); ("NOT_FOUND", ...)."""
+        try:
+            async with self._client() as http:
+                details = await self._details(http)
+        except httpx.HTTPError as error:
+            return "UNREACHABLE", f"Ray dashboard {self.url}: {error}"
+        app = (details.get("applications") or {}).get(name)
+        if not isinstance(app, dict):
+            return "NOT_FOUND", f"no application {name} on {self.url}"
+        return str(app.get("status", "UNKNOWN")), str(app.get("message", ""))

@@ -1,0 +1,1 @@
+"""Pure renderers: desired objects and engine settings built from the spec and the plans."""

@@ -1,0 +1,465 @@
+"""Desired child objects of a `Llama4Deployment`, as plain dicts ready for server-side apply.
+
+- a KubeRay `RayService`: a CPU head and one GPU worker group per placed worker, pinned by node
+  affinity to the node the cluster placement chose; its `serveConfigV2` runs the serving app;
+- a Service for the OpenAI-compatible endpoint (the Serve proxy on the head), and a headless one
+  for Prometheus to scrape every Ray pod;
+- a ConfigMap with the expert placement;
+- a ServiceMonitor when asked for (and its CRD exists);
+- in external-Ray mode, no RayService: the endpoint Service points at the external cluster.
+
+Every object carries the project's labels and an owner reference to the Llama4Deployment, so the
+garbage collector removes it with its owner.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from llama4_operator.api.models import GROUP, KIND, VERSION, Llama4DeploymentSpec
+from llama4_operator.planners.cluster_placement import ClusterPlacement
+from llama4_operator.planners.gpu_products import GPU_RESOURCE, PRODUCT_LABEL
+from llama4_operator.renderers.serving import (
+    API_KEY_MOUNT_DIR,
+    ENGINE_METRICS_PORT,
+    SERVE_HTTP_PORT,
+    serve_config_v2,
+)
+from llama4_serving.config import ServingConfig
+
+Object = dict[str, Any]
+
+DEPLOYMENT_LABEL = f"{GROUP}/deployment"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+MANAGED_BY = "llama4-operator"
+METRICS_PORT = 8080  # Ray's metrics export port on every node
+DASHBOARD_PORT = 8265
+EXPERT_PLACEMENT_KEY = "expert-placement.json"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The Llama4Deployment the children belong to."""
+
+    name: str
+    namespace: str
+    uid: str
+
+
+@dataclass(frozen=True)
+class RayPodSettings:
+    """Operator-wide settings of the Ray pods."""
+
+    image: str
+    ray_version: str
+    accelerator_resource: str = "GPU"
+    head_cpu: str = "2"
+    head_memory: str = "8Gi"
+    worker_cpu_per_gpu: int = 8
+    worker_memory_per_gpu_gib: int = 64
+
+
+def labels(owner: Owner, component: str) -> dict[str, str]:
+    """The project's labels; `serving.llama4.dev/deployment` is the /scale selector."""
+    return {
+        "app.kubernetes.io/name": "llama4-deployment",
+        "app.kubernetes.io/instance": owner.name,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        COMPONENT_LABEL: component,
+        DEPLOYMENT_LABEL: owner.name,
+    }
+
+
+def pod_selector(owner: Owner) -> str:
+    """The label selector of the deployment's Ray pods (status.selector, for /scale)."""
+    return f"{DEPLOYMENT_LABEL}={owner.name}"
+
+
+def _metadata(owner: Owner, name: str, component: str) -> Object:
+    return {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": labels(owner, component),
+        "ownerReferences": [
+            {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": KIND,
+                "name": owner.name,
+                "uid": owner.uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ],
+    }
+
+
+def _restricted_pod_security() -> Object:
+    # Ray images run as the `ray` user (uid 1000); restricted Pod Security needs the rest.
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "runAsGroup": 100,
+        "fsGroup": 100,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _restricted_container_security() -> Object:
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def _volumes(spec: Llama4DeploymentSpec) -> tuple[list[Object], list[Object]]:
+    """Volumes and mounts every Ray container shares: shared memory for the object store,
+    the model volume, the API key."""
+    volumes: list[Object] = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+    mounts: list[Object] = [{"name": "dshm", "mountPath": "/dev/shm"}]
+    claim = spec.model.weights.volume_claim_name
+    if claim:
+        volumes.append(
+            {"name": "models", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        )
+        mounts.append({"name": "models", "mountPath": "/models", "readOnly": True})
+    secret = spec.serving.api_key_secret_ref
+    if secret is not None:
+        volumes.append(
+            {
+                "name": "api-key",
+                "secret": {
+                    "secretName": secret.name,
+                    "items": [{"key": secret.key, "path": secret.key}],
+                },
+            }
+        )
+        mounts.append({"name": "api-key", "mountPath": API_KEY_MOUNT_DIR, "readOnly": True})
+    return volumes, mounts
+
+
+def _pod_template(
+    owner: Owner,
+    spec: Llama4DeploymentSpec,
+    settings: RayPodSettings,
+    *,
+    container: str,
+    component: str,
+    resources: Object,
+    ports: list[Object],
+    affinity: Object | None = None,
+    node_selector: dict[str, str] | None = None,
+) -> Object:
+    volumes, mounts = _volumes(spec)
+    pod: Object = {
+        "securityContext": _restricted_pod_security(),
+        "volumes": volumes,
+        "containers": [
+            {
+                "name": container,
+                "image": spec.engine.image or settings.image,
+                "resources": resources,
+                "ports": ports,
+                "volumeMounts": mounts,
+                "securityContext": _restricted_container_security(),
+            }
+        ],
+    }
+    if spec.resources.tolerations:
+        pod["tolerations"] = [t.model_dump(exclude_none=True) for t in spec.resources.tolerations]
+    if affinity:
+        pod["affinity"] = affinity
+    if node_selector:
+        pod["nodeSelector"] = node_selector
+    return {"metadata": {"labels": labels(owner, component)}, "spec": pod}
+
+
+def _worker_affinity(node: str, gpu_product: str | None) -> Object:
+    """Pin a worker to the node the cluster placement chose (and to the GPU product). The node
+    is matched by name (`matchFields`), which needs no hostname label (simulated nodes lack it)."""
+    term: Object = {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [node]}]}
+    if gpu_product:
+        term["matchExpressions"] = [
+            {"key": PRODUCT_LABEL, "operator": "In", "values": [gpu_product]}
+        ]
+    return {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}
+        }
+    }
+
+
+def worker_group_name(replica: int, worker: int) -> str:
+    return f"r{replica}-w{worker}"
+
+
+def render_ray_service(
+    owner: Owner,
+    spec: Llama4DeploymentSpec,
+    config: ServingConfig,
+    *,
+    placement: ClusterPlacement,
+    gpu_product: str | None,
+    settings: RayPodSettings,
+    live_worker_groups: Sequence[Mapping[str, Any]] = (),
+) -> Object:
+    """The KubeRay RayService: head group, one worker group per placed worker, Serve config.
+
+    Worker groups of the live RayService that the placement no longer has are kept with zero
+    replicas: KubeRay scales a group in place, but treats a removed group as a new cluster."""
+    head = _pod_template(
+        owner,
+        spec,
+        settings,
+        container="ray-head",
+        component="ray-head",
+        resources={
+            "requests": {"cpu": settings.head_cpu, "memory": settings.head_memory},
+            "limits": {"cpu": settings.head_cpu, "memory": settings.head_memory},
+        },
+        ports=[
+            {"name": "gcs", "containerPort": 6379},
+            {"name": "dashboard", "containerPort": DASHBOARD_PORT},
+            {"name": "client", "containerPort": 10001},
+            {"name": "serve", "containerPort": SERVE_HTTP_PORT},
+            {"name": "metrics", "containerPort": METRICS_PORT},
+            {"name": "engine-metrics", "containerPort": ENGINE_METRICS_PORT},
+        ],
+    )
+    groups: list[Object] = []
+    for replica in placement.replicas:
+        for index, worker in enumerate(replica.workers):
+            cpu = str(settings.worker_cpu_per_gpu * worker.gpus)
+            memory = f"{settings.worker_memory_per_gpu_gib * worker.gpus}Gi"
+            template = _pod_template(
+                owner,
+                spec,
+                settings,
+                container="ray-worker",
+                component="ray-worker",
+                resources={
+                    "requests": {"cpu": cpu, "memory": memory, GPU_RESOURCE: str(worker.gpus)},
+                    "limits": {"cpu": cpu, "memory": memory, GPU_RESOURCE: str(worker.gpus)},
+                },
+                ports=[
+                    {"name": "metrics", "containerPort": METRICS_PORT},
+                    {"name": "engine-metrics", "containerPort": ENGINE_METRICS_PORT},
+                ],
+                affinity=_worker_affinity(worker.node, gpu_product),
+                node_selector=dict(spec.resources.node_selector),
+            )
+            groups.append(
+                {
+                    "groupName": worker_group_name(replica.index, index),
+                    "replicas": 1,
+                    # Bounds that never change: retiring a group only sets replicas to 0,
+                    # which KubeRay applies in place (its cluster hash leaves replicas out).
+                    "minReplicas": 0,
+                    "maxReplicas": 1,
+                    "rayStartParams": {"num-gpus": str(worker.gpus)},
+                    "template": template,
+                }
+            )
+    groups.extend(_retired(live_worker_groups, {g["groupName"] for g in groups}))
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": _metadata(owner, owner.name, "ray-service"),
+        "spec": {
+            "serveConfigV2": serve_config_v2(config, owner.name),
+            "rayClusterConfig": {
+                "rayVersion": settings.ray_version,
+                "enableInTreeAutoscaling": False,
+                "headGroupSpec": {
+                    "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},
+                    "template": head,
+                },
+                "workerGroupSpecs": groups,
+            },
+        },
+    }
+
+
+def _retired(live: Sequence[Mapping[str, Any]], wanted: set[str]) -> list[Object]:
+    retired = []
+    for group in live:
+        if group.get("groupName") in wanted:
+            continue
+        copy = json.loads(json.dumps(group))  # a deep copy of plain JSON
+        copy["replicas"] = 0
+        retired.append(copy)
+    return retired
+
+
+def render_endpoint_service(owner: Owner, spec: Llama4DeploymentSpec) -> Object:
+    """The OpenAI-compatible endpoint: the Serve proxy on the Ray head."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(owner, owner.name, "endpoint"),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {DEPLOYMENT_LABEL: owner.name, "ray.io/node-type": "head"},
+            "ports": [
+                {
+                    "name": "http",
+                    "port": spec.serving.port,
+                    "targetPort": SERVE_HTTP_PORT,
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }
+
+
+def render_metrics_service(owner: Owner) -> Object:
+    """Headless Service over every Ray pod, for the ServiceMonitor."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(owner, f"{owner.name}-metrics", "metrics"),
+        "spec": {
+            "clusterIP": "None",
+            "selector": {DEPLOYMENT_LABEL: owner.name},
+            "ports": [
+                {"name": "metrics", "port": METRICS_PORT, "targetPort": METRICS_PORT},
+                {
+                    "name": "engine-metrics",
+                    "port": ENGINE_METRICS_PORT,
+                    "targetPort": ENGINE_METRICS_PORT,
+                },
+            ],
+        },
+    }
+
+
+def render_expert_config_map(owner: Owner, config: ServingConfig) -> Object:
+    """The expert placement (phy2log per MoE layer), for people and tools to read."""
+    placement = config.placement
+    document = placement.model_dump(mode="json") if placement is not None else None
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(owner, f"{owner.name}-expert-placement", "expert-placement"),
+        "data": {EXPERT_PLACEMENT_KEY: json.dumps(document, separators=(",", ":"))},
+    }
+
+
+def render_service_monitor(owner: Owner, spec: Llama4DeploymentSpec) -> Object:
+    """A prometheus-operator ServiceMonitor over the metrics Service."""
+    metadata = _metadata(owner, owner.name, "metrics")
+    metadata["labels"] = {**spec.monitoring.labels, **metadata["labels"]}
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": metadata,
+        "spec": {
+            "selector": {"matchLabels": {DEPLOYMENT_LABEL: owner.name, COMPONENT_LABEL: "metrics"}},
+            "endpoints": [
+                {"port": port, "interval": spec.monitoring.scrape_interval}
+                for port in ("metrics", "engine-metrics")
+            ],
+        },
+    }
+
+
+def external_route_prefix(owner: Owner) -> str:
+    """Route of the application on a shared external Ray cluster: one per resource."""
+    return f"/{owner.namespace}/{owner.name}"
+
+
+def external_app_name(owner: Owner) -> str:
+    return f"{owner.namespace}-{owner.name}"
+
+
+def render_external_endpoint(owner: Owner, dashboard_url: str) -> list[Object]:
+    """The endpoint Service for an external Ray cluster: an ExternalName for a host name, or a
+    selector-less Service with an EndpointSlice for an IP address. Ports are Serve's. None for a
+    loopback address (a Ray cluster on the operator's own machine): pods cannot reach it, and
+    the API server refuses such endpoints."""
+    host = urlsplit(dashboard_url).hostname or ""
+    metadata = _metadata(owner, owner.name, "endpoint")
+    port = {"name": "http", "port": SERVE_HTTP_PORT, "protocol": "TCP"}
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        if host == "localhost":
+            return []
+        return [
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": metadata,
+                "spec": {"type": "ExternalName", "externalName": host, "ports": [port]},
+            }
+        ]
+    if address.is_loopback:
+        return []
+    slice_metadata = _metadata(owner, f"{owner.name}-external", "endpoint")
+    slice_metadata["labels"]["kubernetes.io/service-name"] = owner.name
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": metadata,
+            "spec": {"type": "ClusterIP", "ports": [{**port, "targetPort": SERVE_HTTP_PORT}]},
+        },
+        {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": slice_metadata,
+            "addressType": "IPv6" if address.version == 6 else "IPv4",
+            "ports": [port],
+            "endpoints": [{"addresses": [str(address)]}],
+        },
+    ]
+
+
+def endpoint_url(
+    owner: Owner, spec: Llama4DeploymentSpec, external_dashboard: str | None = None
+) -> str:
+    """The OpenAI base URL: the endpoint Service inside the cluster, or, for an external Ray
+    cluster, its Serve proxy on the dashboard's host."""
+    if external_dashboard:
+        host = urlsplit(external_dashboard).hostname or ""
+        if ":" in host:
+            host = f"[{host}]"  # an IPv6 literal
+        return f"http://{host}:{SERVE_HTTP_PORT}{external_route_prefix(owner)}/v1"
+    return f"http://{owner.name}.{owner.namespace}.svc:{spec.serving.port}/v1"
+
+
+def render_children(
+    owner: Owner,
+    spec: Llama4DeploymentSpec,
+    config: ServingConfig,
+    *,
+    placement: ClusterPlacement,
+    gpu_product: str | None,
+    settings: RayPodSettings,
+    external_dashboard: str | None = None,
+    service_monitor: bool = False,
+    live_worker_groups: Sequence[Mapping[str, Any]] = (),
+) -> list[Object]:
+    """Every desired child, in apply order (the RayService last: it references nothing, but it
+    is the expensive one, so the cheap objects are in place first)."""
+    children: list[Object] = [render_expert_config_map(owner, config)]
+    if external_dashboard:
+        children.extend(render_external_endpoint(owner, external_dashboard))
+    else:
+        children.append(render_endpoint_service(owner, spec))
+        children.append(render_metrics_service(owner))
+        if service_monitor:
+            children.append(render_service_monitor(owner, spec))
+        children.append(
+            render_ray_service(
+                owner,
+                spec,
+                config,
+                placement=placement,
+                gpu_product=gpu_product,
+                settings=settings,
+                live_worker_groups=live_worker_groups,
+            )
+        )
+    return children

@@ -1,0 +1,208 @@
+"""The serving side of a deployment: the expert placement, the `ServingConfig` and the Ray Serve
+application that carries it (`import_path: llama4_serving.app:build_app`, `args`: the config)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import yaml
+
+from llama4_operator.api.catalog import architecture_of, weights_uri_of
+from llama4_operator.api.models import CustomArchitecture, Llama4DeploymentSpec
+from llama4_operator.planners import placement_metrics
+from llama4_operator.planners.expert_placement import plan_experts, uniform_load
+from llama4_operator.planners.fit import Layout
+from llama4_operator.planners.placement_metrics import Topology
+from llama4_serving.config import (
+    BatchingLimits,
+    ExpertPlacement,
+    ModelArchitecture,
+    ServingConfig,
+    WeightsSource,
+)
+
+IMPORT_PATH = "llama4_serving.app:build_app"
+SERVE_HTTP_PORT = 8000
+ENGINE_METRICS_PORT = 8090  # each engine replica's /metrics (the serving app's own metrics)
+API_KEY_MOUNT_DIR = "/var/run/secrets/llama4/api-key"
+EngineArgValue = str | int | float | bool
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """An expert placement with its balance under uniform load (1.0: every GPU equal)."""
+
+    placement: ExpertPlacement
+    balance: float
+
+
+def expert_topology(arch: CustomArchitecture, layout: Layout, redundant_slots: int) -> Topology:
+    """Slots of one replica: the expert-parallel GPUs, enough slots each for every expert copy."""
+    if layout.expert_parallel:
+        nodes, gpus_per_node = layout.nodes, layout.gpus_per_node
+    else:
+        nodes, gpus_per_node = 1, 1  # each tensor-parallel group holds every expert
+    gpus = nodes * gpus_per_node
+    slots_per_gpu = math.ceil((arch.num_local_experts + redundant_slots) / gpus)
+    return Topology(nodes=nodes, gpus_per_node=gpus_per_node, slots_per_gpu=slots_per_gpu)
+
+
+def plan_initial_experts(
+    arch: CustomArchitecture,
+    layout: Layout,
+    redundant_slots: int,
+    previous: ExpertPlacement | None = None,
+) -> ExpertLayout:
+    """The expert placement before any load is measured (uniform load), kept close to `previous`
+    when its shape still matches."""
+    topology = expert_topology(arch, layout, redundant_slots)
+    layers = arch.moe_layer_count
+    previous_rows = None
+    version = 0
+    if previous is not None:
+        version = previous.version
+        same_shape = (
+            previous.nodes == topology.nodes
+            and previous.gpus_per_node == topology.gpus_per_node
+            and previous.slots_per_gpu == topology.slots_per_gpu
+            and len(previous.phy2log) == layers
+        )
+        if same_shape:
+            previous_rows = np.asarray(previous.phy2log, dtype=np.int64)
+    plan = plan_experts(topology, layers, arch.num_local_experts, previous=previous_rows)
+    phy2log = plan.phy2log.tolist()
+    if previous is not None and phy2log != previous.phy2log:
+        version += 1
+    gpu_load = placement_metrics.dispatch(
+        plan.phy2log, topology, uniform_load(layers, arch.num_local_experts)
+    ).gpu_load
+    placement = ExpertPlacement(
+        nodes=topology.nodes,
+        gpus_per_node=topology.gpus_per_node,
+        slots_per_gpu=topology.slots_per_gpu,
+        phy2log=phy2log,
+        version=version,
+    )
+    return ExpertLayout(placement=placement, balance=placement_metrics.balance(gpu_load))
+
+
+def serving_architecture(arch: CustomArchitecture, max_context: int) -> ModelArchitecture:
+    """The serving package's architecture. Without chunked attention every layer attends over
+    the whole context with RoPE: a chunk as long as the context and no NoPE layer say the same."""
+    chunk = arch.attention_chunk_size
+    no_rope_interval = arch.no_rope_layer_interval
+    if chunk is None:
+        chunk = max(max_context, 1)
+        no_rope_interval = arch.num_hidden_layers + 1
+    return ModelArchitecture(
+        vocab_size=arch.vocab_size,
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        intermediate_size_mlp=arch.intermediate_size_mlp or arch.intermediate_size,
+        num_hidden_layers=arch.num_hidden_layers,
+        num_attention_heads=arch.num_attention_heads,
+        num_key_value_heads=arch.num_key_value_heads,
+        head_dim=arch.head_dim,
+        num_local_experts=arch.num_local_experts,
+        num_experts_per_tok=arch.num_experts_per_tok,
+        interleave_moe_layer_step=arch.interleave_moe_layer_step,
+        attention_chunk_size=chunk,
+        no_rope_layer_interval=no_rope_interval,
+        max_position_embeddings=max_context,
+    )
+
+
+def parse_extra_args(extra: dict[str, str]) -> dict[str, EngineArgValue]:
+    """`engine.extraArgs` values are strings in the CRD; read "true", "4", "0.9" as YAML scalars."""
+    parsed: dict[str, EngineArgValue] = {}
+    for key, text in extra.items():
+        try:
+            value = yaml.safe_load(text) if text else text
+        except yaml.YAMLError:
+            value = text
+        parsed[key] = value if isinstance(value, str | int | float | bool) else text
+    return parsed
+
+
+def engine_args(spec: Llama4DeploymentSpec, layout: Layout) -> dict[str, EngineArgValue]:
+    """Engine arguments: vLLM's parallelism, EPLB and batching flags, then the user's extras."""
+    args: dict[str, EngineArgValue] = {}
+    if spec.engine.name == "vllm":
+        batching = spec.serving.batching
+        args = {
+            "tensor_parallel_size": layout.tensor,
+            "data_parallel_size": layout.data,
+            "pipeline_parallel_size": layout.pipeline,
+            "enable_expert_parallel": layout.expert_parallel,
+            "max_model_len": spec.model.max_context_length,
+            "max_num_seqs": batching.max_num_seqs,
+            "max_num_batched_tokens": batching.max_num_batched_tokens,
+            "enable_eplb": spec.placement.rebalance.enabled,
+            "num_redundant_experts": spec.placement.redundant_expert_slots,
+        }
+        if spec.model.quantization == "fp8":
+            args["quantization"] = "fp8"
+    args.update(parse_extra_args(spec.engine.extra_args))
+    return args
+
+
+def serving_config(
+    spec: Llama4DeploymentSpec,
+    name: str,
+    layout: Layout,
+    replicas: int,
+    experts: ExpertPlacement | None,
+    accelerator_resource: str = "GPU",
+) -> ServingConfig:
+    """The `args` of the Serve application for this spec and plan. `accelerator_resource` is
+    the Ray resource an expert shard takes (`GPU`, or a custom one on a CPU demo cluster)."""
+    model = spec.model
+    weights = model.weights
+    api_key_file = None
+    if spec.serving.api_key_secret_ref is not None:
+        api_key_file = f"{API_KEY_MOUNT_DIR}/{spec.serving.api_key_secret_ref.key}"
+    return ServingConfig(
+        served_model_name=model.served_model_name or name,
+        architecture=serving_architecture(architecture_of(model), model.max_context_length),
+        weights=WeightsSource(
+            kind=weights.source,
+            uri=weights_uri_of(model),
+            tokenizer_path=weights.tokenizer_path,
+            seed=weights.seed,
+        ),
+        quantization=model.quantization,
+        engine=spec.engine.name,
+        engine_args=engine_args(spec, layout),
+        num_replicas=replicas,
+        placement=experts,
+        batching=BatchingLimits(
+            max_num_seqs=spec.serving.batching.max_num_seqs,
+            max_num_batched_tokens=spec.serving.batching.max_num_batched_tokens,
+            max_model_len=model.max_context_length,
+        ),
+        api_key_file=api_key_file,
+        accelerator_resource=accelerator_resource,
+        metrics_port=ENGINE_METRICS_PORT,
+    )
+
+
+def serve_application(config: ServingConfig, app_name: str, route_prefix: str) -> dict[str, Any]:
+    """One application of a Ray Serve config (the multi-application schema)."""
+    return {
+        "name": app_name,
+        "route_prefix": route_prefix,
+        "import_path": IMPORT_PATH,
+        "args": config.model_dump(mode="json"),
+    }
+
+
+def serve_config_v2(config: ServingConfig, app_name: str) -> str:
+    """A RayService's `serveConfigV2`: YAML of the Serve config with one application at `/`."""
+    document = {
+        "http_options": {"host": "0.0.0.0", "port": SERVE_HTTP_PORT},
+        "applications": [serve_application(config, app_name, "/")],
+    }
+    return yaml.safe_dump(document, sort_keys=False)

@@ -1,0 +1,1 @@
+"""The Ray Serve application that llama4-operator deploys: engines and the OpenAI-compatible API."""

@@ -1,0 +1,163 @@
+"""The serving configuration: the contract between the operator (which renders it into a Ray Serve
+config's `args`) and the serving application (whose `build_app(args)` validates it).
+
+Fields may be added (with defaults); renaming or removing one breaks deployed resources.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Quantization = Literal["bf16", "fp8", "int4"]
+EngineName = Literal["reference", "vllm"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelArchitecture(_Strict):
+    """The Llama 4 text architecture, named as in `transformers`' `Llama4TextConfig`."""
+
+    vocab_size: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0, description="Routed and shared expert FFN width.")
+    intermediate_size_mlp: int = Field(gt=0, description="Dense (non-MoE) layer FFN width.")
+    num_hidden_layers: int = Field(gt=0)
+    num_attention_heads: int = Field(gt=0)
+    num_key_value_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+    num_local_experts: int = Field(gt=0)
+    num_experts_per_tok: int = Field(default=1, gt=0)
+    interleave_moe_layer_step: int = Field(
+        default=1, gt=0, description="Every n-th layer is MoE (1: all layers)."
+    )
+    attention_chunk_size: int = Field(
+        default=8192, gt=0, description="Local attention window of the RoPE layers."
+    )
+    no_rope_layer_interval: int = Field(
+        default=4, gt=0, description="Every n-th layer has no RoPE and attends globally."
+    )
+    rope_theta: float = Field(default=500000.0, gt=0)
+    rms_norm_eps: float = Field(default=1e-5, gt=0)
+    max_position_embeddings: int = Field(default=8192, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelArchitecture:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                "num_attention_heads must be a multiple of num_key_value_heads (GQA groups)"
+            )
+        if self.num_experts_per_tok > self.num_local_experts:
+            raise ValueError("num_experts_per_tok cannot exceed num_local_experts")
+        return self
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """Indices of the MoE layers (Llama 4: layer i is MoE when (i + 1) % step == 0)."""
+        step = self.interleave_moe_layer_step
+        return [i for i in range(self.num_hidden_layers) if (i + 1) % step == 0]
+
+
+class WeightsSource(_Strict):
+    """Where the engine reads weights and tokenizer from. Nothing is fetched at run time:
+    `huggingface` names a repository already present in the local Hugging Face cache."""
+
+    kind: Literal["huggingface", "path", "random"] = "path"
+    uri: str = Field(default="", description="Hugging Face repo id, or a directory path.")
+    tokenizer_path: str | None = Field(
+        default=None, description="Directory with tokenizer files; defaults to the weights dir."
+    )
+    seed: int = Field(default=0, description="Seed for `random` weights (tests and demos).")
+
+
+class ExpertPlacement(_Strict):
+    """Which logical expert each physical slot holds, per MoE layer (see `llama4ctl plan experts`).
+
+    Slot p lies on GPU p // slots_per_gpu; GPU q on node q // gpus_per_node.
+    """
+
+    nodes: int = Field(default=1, gt=0)
+    gpus_per_node: int = Field(default=1, gt=0)
+    slots_per_gpu: int = Field(gt=0)
+    phy2log: list[list[int]] = Field(description="One list of expert ids per MoE layer.")
+    version: int = Field(default=0, ge=0, description="Bumped on every rebalance.")
+
+    @model_validator(mode="after")
+    def _shapes(self) -> ExpertPlacement:
+        slots = self.nodes * self.gpus_per_node * self.slots_per_gpu
+        for layer, row in enumerate(self.phy2log):
+            if len(row) != slots:
+                raise ValueError(
+                    f"phy2log[{layer}] has {len(row)} slots; nodes x gpus_per_node x "
+                    f"slots_per_gpu = {slots}"
+                )
+        return self
+
+
+class BatchingLimits(_Strict):
+    """Continuous-batching limits of one replica."""
+
+    max_num_seqs: int = Field(default=32, gt=0, description="Sequences decoded together.")
+    max_num_batched_tokens: int = Field(
+        default=2048, gt=0, description="Prefill token budget per engine step."
+    )
+    max_model_len: int = Field(default=2048, gt=0, description="Prompt plus output tokens.")
+
+
+class ServingConfig(_Strict):
+    """Everything one Ray Serve application of a Llama4Deployment needs."""
+
+    served_model_name: str = Field(min_length=1, description="Name in /v1/models.")
+    architecture: ModelArchitecture
+    weights: WeightsSource = WeightsSource(kind="random")
+    quantization: Quantization = "bf16"
+    engine: EngineName = "reference"
+    engine_args: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    num_replicas: int = Field(default=1, ge=0)
+    placement: ExpertPlacement | None = None
+    batching: BatchingLimits = BatchingLimits()
+    api_key_file: str | None = Field(
+        default=None, description="File holding the API key (a mounted Secret); none: no auth."
+    )
+    accelerator_resource: str = Field(
+        default="GPU",
+        min_length=1,
+        description="Ray resource one expert shard actor takes: `GPU` on GPU nodes; a custom "
+        "resource such as `fake_gpu` on CPU test clusters.",
+    )
+    metrics_port: int | None = Field(
+        default=8090,
+        ge=0,
+        le=65535,
+        description="Port on which each engine replica serves Prometheus metrics (/metrics); "
+        "0 picks a free port, none turns the server off.",
+    )
+
+    @model_validator(mode="after")
+    def _placement_fits_architecture(self) -> ServingConfig:
+        if self.placement is None:
+            return self
+        moe_layers = len(self.architecture.moe_layers)
+        experts = self.architecture.num_local_experts
+        if len(self.placement.phy2log) != moe_layers:
+            raise ValueError(
+                f"placement.phy2log has {len(self.placement.phy2log)} rows; the architecture has "
+                f"{moe_layers} MoE layers: give one row per MoE layer"
+            )
+        for layer, row in enumerate(self.placement.phy2log):
+            missing = sorted(set(range(experts)) - set(row))
+            unknown = sorted(e for e in set(row) if not 0 <= e < experts)
+            if unknown:
+                raise ValueError(
+                    f"placement.phy2log[{layer}] names experts {unknown}; valid ids are "
+                    f"0..{experts - 1}"
+                )
+            if missing:
+                raise ValueError(
+                    f"placement.phy2log[{layer}] holds no copy of experts {missing}: every "
+                    "expert needs at least one slot"
+                )
+        return self

@@ -1,0 +1,209 @@
+"""The `token` policy: stale data holds, bursts scale up at once, lulls scale down slowly,
+cold start is looked ahead of, whole replicas within [min, max], no flapping."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from llama4_operator.planners.autoscaling import (
+    MetricSample,
+    ScalingReason,
+    TokenPolicyConfig,
+    calibrate_capacity,
+    decide_replicas,
+)
+
+CAPACITY = 1000.0  # tokens/s per replica
+
+
+def _config(**overrides: object) -> TokenPolicyConfig:
+    settings: dict[str, object] = {
+        "capacity_tokens_per_s": CAPACITY,
+        "cold_start_s": 300.0,
+        "min_replicas": 1,
+        "max_replicas": 20,
+    }
+    settings.update(overrides)
+    return TokenPolicyConfig(**settings)  # type: ignore[arg-type]
+
+
+def _steady(
+    rate: float,
+    replicas: int,
+    start: float = 0.0,
+    end: float = 1200.0,
+    waiting: float = 0.0,
+    every: float = 5.0,
+) -> list[MetricSample]:
+    """Samples of a flat load: 90% of tokens are prompt, 10% generated."""
+    return [
+        MetricSample(t, 0.9 * rate, 0.1 * rate, waiting, replicas, replicas)
+        for t in np.arange(start + every, end + every / 2, every)
+    ]
+
+
+def test_no_samples_hold_the_current_count() -> None:
+    decision = decide_replicas([], _config(), now_s=100.0, current_replicas=4)
+    assert decision.desired_replicas == 4
+    assert decision.reason is ScalingReason.HOLD_METRICS_STALE
+
+
+def test_stale_samples_hold_even_when_they_showed_no_load() -> None:
+    samples = _steady(0.0, 4, end=600.0)
+    decision = decide_replicas(samples, _config(), now_s=700.0, current_replicas=4)
+    assert decision.desired_replicas == 4
+    assert decision.reason is ScalingReason.HOLD_METRICS_STALE
+
+
+def test_zero_from_no_ready_replica_is_not_taken_as_no_load() -> None:
+    samples = [MetricSample(t, 0.0, 0.0, 0.0, 0, 3) for t in range(5, 1205, 5)]
+    decision = decide_replicas(samples, _config(), now_s=1200.0, current_replicas=3)
+    assert decision.desired_replicas == 3
+    assert decision.reason is ScalingReason.HOLD_METRICS_STALE
+
+
+def test_stale_hold_still_honours_min_replicas() -> None:
+    decision = decide_replicas([], _config(min_replicas=2), now_s=0.0, current_replicas=0)
+    assert decision.desired_replicas == 2
+    assert decision.reason is ScalingReason.CLAMP_MIN
+
+
+def test_burst_with_backlog_scales_up_at_once_to_the_needed_count() -> None:
+    samples = _steady(3000.0, 4)
+    burst = [MetricSample(1200.0 + t, 5400.0, 600.0, 24_000.0, 4, 4) for t in (5, 10, 15, 20)]
+    now = 1220.0
+    decision = decide_replicas(samples + burst, _config(), now_s=now, current_replicas=4)
+    assert decision.reason is ScalingReason.SCALE_UP_BURST
+    # Arriving tokens over the last 30 s: 4 samples at 6000 (the first also +24000/5 of
+    # backlog growth) and two at 3000; backlog 24000 spread over 30 s + the 300 s cold start.
+    arriving = (4 * 6000.0 + 24_000.0 / 5 + 2 * 3000.0) / 6
+    demand = arriving + 24_000.0 / 330.0
+    assert decision.demand_tokens_per_s >= demand
+    assert decision.desired_replicas >= math.ceil(demand / (0.8 * CAPACITY))
+    assert decision.desired_replicas <= math.ceil(1.25 * demand / (0.8 * CAPACITY))
+
+
+def test_rising_load_is_met_ahead_of_the_cold_start() -> None:
+    # Rising by 2 tokens/s every second: in 300 s of cold start, 600 tokens/s more.
+    samples = [
+        MetricSample(t, 0.9 * (2000 + 2 * t), 0.1 * (2000 + 2 * t), 0.0, 4, 4)
+        for t in np.arange(5.0, 600.0, 5.0)
+    ]
+    now = float(samples[-1].time_s)
+    rate_now = 2000 + 2 * now
+    assert rate_now < 0.9 * CAPACITY * 4  # not short yet
+    decision = decide_replicas(samples, _config(), now_s=now, current_replicas=4)
+    assert decision.reason is ScalingReason.SCALE_UP_TREND
+    assert decision.desired_replicas == 5
+
+
+def test_lull_scales_down_only_after_the_window_and_to_its_peak() -> None:
+    busy = _steady(7800.0, 10, start=0.0, end=600.0)  # needs 10 at 800 tokens/s each
+    quiet = _steady(2000.0, 10, start=600.0, end=1800.0)
+    samples = busy + quiet
+    config = _config(scale_down_window_s=600.0)
+    # 300 s into the lull the busy minutes are still in the window.
+    decision = decide_replicas(
+        [s for s in samples if s.time_s <= 900.0], config, now_s=900.0, current_replicas=10
+    )
+    assert decision.reason is ScalingReason.HOLD_STABLE
+    assert decision.desired_replicas == 10
+    decision = decide_replicas(samples, config, now_s=1800.0, current_replicas=10)
+    assert decision.reason is ScalingReason.SCALE_DOWN_LULL
+    assert decision.desired_replicas == math.ceil(2000.0 / (0.8 * CAPACITY))
+
+
+def test_no_scale_down_soon_after_a_scale_up() -> None:
+    samples = _steady(2000.0, 10, end=1800.0)
+    decision = decide_replicas(
+        samples, _config(), now_s=1800.0, current_replicas=10, last_scale_up_s=1500.0
+    )
+    assert decision.reason is ScalingReason.HOLD_COOLDOWN
+    assert decision.desired_replicas == 10
+
+
+def test_no_scale_down_without_a_full_window_of_history() -> None:
+    samples = _steady(1000.0, 10, end=200.0)
+    decision = decide_replicas(samples, _config(), now_s=200.0, current_replicas=10)
+    assert decision.desired_replicas == 10
+    assert decision.reason is ScalingReason.HOLD_STABLE
+
+
+def test_desired_count_is_clamped_to_max_and_min() -> None:
+    samples = _steady(50_000.0, 4, waiting=1e6)
+    decision = decide_replicas(samples, _config(max_replicas=8), now_s=1200.0, current_replicas=4)
+    assert decision.desired_replicas == 8
+    assert decision.reason is ScalingReason.CLAMP_MAX
+    samples = _steady(10.0, 5, end=2400.0)
+    decision = decide_replicas(samples, _config(min_replicas=3), now_s=2400.0, current_replicas=5)
+    assert decision.desired_replicas == 3
+    assert decision.reason is ScalingReason.CLAMP_MIN
+
+
+def test_noisy_steady_load_does_not_flap() -> None:
+    rng = np.random.default_rng(7)
+    config = _config(cold_start_s=120.0)
+    replicas, samples, changes = 6, [], 0
+    last_up: float | None = None
+    for step in range(1, 720):  # an hour of 5-second samples
+        now = step * 5.0
+        rate = 4000.0 * rng.lognormal(0.0, 0.1)
+        samples.append(MetricSample(now, 0.9 * rate, 0.1 * rate, 0.0, replicas, replicas))
+        decision = decide_replicas(samples[-200:], config, now, replicas, last_up)
+        if decision.desired_replicas != replicas:
+            changes += 1
+            if decision.desired_replicas > replicas:
+                last_up = now
+            replicas = decision.desired_replicas
+    assert changes <= 1
+    assert replicas >= math.ceil(4000.0 / CAPACITY)
+
+
+def test_capacity_is_calibrated_from_saturated_samples() -> None:
+    saturated = [MetricSample(t, 2700.0, 300.0, 5000.0, 2, 2) for t in range(5, 60, 5)]
+    idle = [MetricSample(t, 500.0, 50.0, 0.0, 2, 2) for t in range(60, 120, 5)]
+    assert calibrate_capacity(saturated + idle, saturation_tokens=1.0) == pytest.approx(1500.0)
+    assert calibrate_capacity(idle, saturation_tokens=1.0) is None
+    # With calibration on, the measured 1500 tokens/s per replica replaces the set 1000.
+    samples = _steady(3000.0, 2, end=1200.0) + saturated
+    decision = decide_replicas(
+        sorted(samples, key=lambda s: s.time_s),
+        _config(calibrate=True),
+        now_s=1200.0,
+        current_replicas=2,
+    )
+    assert decision.capacity_tokens_per_s == pytest.approx(1500.0)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("capacity_tokens_per_s", 0.0, "capacity_tokens_per_s"),
+        ("max_replicas", 0, "max_replicas"),
+        ("target_utilization", 1.5, "target_utilization"),
+        ("burst_window_s", 0.0, "burst_window_s"),
+    ],
+)
+def test_bad_settings_name_the_field(field: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _config(**{field: value})
+
+
+def test_a_surge_is_sized_from_the_short_window_while_the_backlog_keeps_growing() -> None:
+    samples = _steady(3000.0, 4)
+    # Served throughput is stuck at 3600 while the backlog grows by 30000 tokens per sample:
+    # 3600 + 30000 / 5 = 9600 tokens/s arrive.
+    surge = [MetricSample(1200.0 + 5 * k, 3240.0, 360.0, 30_000.0 * k, 4, 4) for k in (1, 2, 3)]
+    now = 1215.0
+    decision = decide_replicas(samples + surge, _config(), now_s=now, current_replicas=4)
+    backlog_share = 90_000.0 / 330.0
+    assert decision.reason is ScalingReason.SCALE_UP_BURST
+    assert decision.desired_replicas >= math.ceil((9600.0 + backlog_share) / 800.0)
+    # The same backlog seen once (a spike, not growth) is judged on the 30 s window only.
+    spike = [MetricSample(1200.0 + 5 * k, 3240.0, 360.0, 0.0, 4, 4) for k in (1, 2)]
+    spike.append(MetricSample(1215.0, 3240.0, 360.0, 90_000.0, 4, 4))
+    calmer = decide_replicas(samples + spike, _config(), now_s=now, current_replicas=4)
+    assert calmer.desired_replicas < decision.desired_replicas

@@ -1,0 +1,363 @@
+"""The reconciliation against a fake of the kube module (no cluster): children, status, events,
+fit failures, invalid specs, honest health, external-Ray mode and the Kopf settings."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Collection, Mapping
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import kopf
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from llama4_operator import metrics
+from llama4_operator.cli.operator_main import operator_command
+from llama4_operator.handlers.config import OperatorConfig
+from llama4_operator.handlers.reconcile import Reconciler
+from llama4_operator.planners.cluster_placement import GpuNode
+from llama4_operator.ray_dashboard import RayDashboard
+
+ROOT = Path(__file__).resolve().parents[2]
+LOG = logging.getLogger("test")
+CONFIG = OperatorConfig(image="llama4-serving:test", ray_version="2.60.0")
+START = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+class FakeKube:
+    """An in-memory stand-in for `llama4_operator.kube.Kube`."""
+
+    def __init__(self, nodes: list[GpuNode]) -> None:
+        self.nodes = nodes
+        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.applied: list[str] = []
+        self.statuses: list[dict[str, Any]] = []
+        self.events: list[tuple[str, str, str]] = []
+        self.crds: set[str] = set()
+        self.fail_with: Exception | None = None
+
+    async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        if self.fail_with is not None:
+            raise self.fail_with
+        key = (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
+        previous = self.objects.get(key, {})
+        # Like server-side apply of an object with a status subresource: status is kept.
+        self.objects[key] = {
+            **obj,
+            **({"status": previous["status"]} if "status" in previous else {}),
+        }
+        self.applied.append(f"{obj['kind']}/{obj['metadata']['name']}")
+        return obj
+
+    async def get(self, api_version: str, kind: str, namespace: str, name: str) -> Any:
+        return self.objects.get((kind, namespace, name))
+
+    async def prune_children(
+        self, namespace: str, owner: str, owner_uid: str, keep: Collection[tuple[str, str]]
+    ) -> list[str]:
+        gone = [
+            key
+            for key, obj in self.objects.items()
+            if key[1] == namespace
+            and obj["metadata"]["labels"].get("serving.llama4.dev/deployment") == owner
+            and (key[0], key[2]) not in keep
+        ]
+        for key in gone:
+            del self.objects[key]
+        return [f"{k[0]}/{k[2]}" for k in gone]
+
+    async def gpu_nodes(self, owner_namespace: str, owner: str) -> list[GpuNode]:
+        return self.nodes
+
+    async def crd_exists(self, name: str) -> bool:
+        return name in self.crds
+
+    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.statuses.append(status)
+
+    def post_event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        self.events.append((type_, reason, message))
+
+
+def h100_hosts(count: int, gpus: int = 8) -> list[GpuNode]:
+    return [GpuNode(f"gpu-{i}", "NVIDIA-H100-80GB-HBM3", 81559, gpus) for i in range(count)]
+
+
+def body(sample: str, status: dict[str, Any] | None = None, **changes: Any) -> dict[str, Any]:
+    document = yaml.safe_load((ROOT / "manifests" / "samples" / f"{sample}.yaml").read_text())
+    document["spec"].update(changes)
+    document["metadata"].update({"namespace": "llm", "uid": f"uid-{sample}", "generation": 3})
+    document["status"] = status or {}
+    return dict(document)
+
+
+def run(reconciler: Reconciler, obj: dict[str, Any]) -> None:
+    asyncio.run(reconciler.reconcile(obj, LOG))
+
+
+def conditions(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in status["conditions"]}
+
+
+def test_reconcile_applies_children_and_reports_honest_status() -> None:
+    kube = FakeKube(h100_hosts(2))
+    run(Reconciler(kube, CONFIG, clock=lambda: START), body("maverick"))
+    assert sorted(kube.applied) == [
+        "ConfigMap/maverick-expert-placement",
+        "RayService/maverick",
+        "Service/maverick",
+        "Service/maverick-metrics",
+    ]  # no ServiceMonitor: its CRD is not installed
+    (status,) = kube.statuses
+    found = conditions(status)
+    assert found["Fits"]["status"] == "True"
+    # Nothing says the Serve application runs, so Ready stays False with the reason.
+    assert found["Ready"]["status"] == "False"
+    assert found["Ready"]["reason"] == "ServeApplicationNotHealthy"
+    assert found["Progressing"]["status"] == "True"
+    assert found["Degraded"]["status"] == "False"
+    assert all(c["observedGeneration"] == 3 for c in status["conditions"])
+    assert status["observedGeneration"] == 3
+    assert status["replicas"] == 1
+    assert status["readyReplicas"] == 0
+    assert status["selector"] == "serving.llama4.dev/deployment=maverick"
+    assert status["endpoint"] == "http://maverick.llm.svc:8000/v1"
+    assert status["fit"]["gpusPerReplica"] == 8
+    assert status["placement"]["replicas"][0]["workers"][0]["gpus"] == 8
+    assert ("Warning", "ServeApplicationNotHealthy") in {(t, r) for t, r, _ in kube.events}
+
+
+def test_ready_only_when_the_ray_service_says_running() -> None:
+    kube = FakeKube(h100_hosts(1))
+    reconciler = Reconciler(kube, CONFIG, clock=lambda: START)
+    run(reconciler, body("maverick"))
+    assert conditions(kube.statuses[-1])["Ready"]["status"] == "False"
+    # What KubeRay writes once the Serve application is healthy.
+    kube.objects[("RayService", "llm", "maverick")]["status"] = {
+        "activeServiceStatus": {"applicationStatuses": {"maverick": {"status": "RUNNING"}}}
+    }
+    run(reconciler, body("maverick", status=kube.statuses[-1]))
+    found = conditions(kube.statuses[-1])
+    assert found["Ready"]["status"] == "True"
+    assert found["Ready"]["reason"] == "ServeApplicationRunning"
+    assert found["Progressing"]["status"] == "False"
+    assert kube.statuses[-1]["readyReplicas"] == 1
+
+
+def test_unchanged_conditions_keep_their_time_and_post_no_new_events() -> None:
+    kube = FakeKube(h100_hosts(1))
+    clock = iter([START, START + timedelta(minutes=5)])
+    reconciler = Reconciler(kube, CONFIG, clock=lambda: next(clock))
+    run(reconciler, body("maverick"))
+    events_after_first = len(kube.events)
+    run(reconciler, body("maverick", status=kube.statuses[-1]))
+    first, second = (conditions(s) for s in kube.statuses)
+    assert second["Fits"]["lastTransitionTime"] == first["Fits"]["lastTransitionTime"]
+    assert len(kube.events) == events_after_first
+
+
+def test_model_that_does_not_fit_gets_no_children_and_a_warning() -> None:
+    kube = FakeKube(h100_hosts(1, gpus=4))
+    reconciler = Reconciler(kube, CONFIG, clock=lambda: START)
+    fit_failures = metrics.FIT_FAILURES._value.get()
+    bf16 = body("maverick")
+    bf16["spec"]["model"]["quantization"] = "bf16"
+    run(reconciler, bf16)
+    assert kube.applied == []
+    found = conditions(kube.statuses[-1])
+    assert found["Fits"]["status"] == "False"
+    assert "the cluster has 4 x H100 80GB" in found["Fits"]["message"]
+    assert found["Ready"]["status"] == "False"
+    assert kube.statuses[-1]["placement"] is None
+    assert kube.statuses[-1]["endpoint"] == ""
+    warnings = [m for t, r, m in kube.events if t == "Warning" and r == "DoesNotFit"]
+    assert any("model.quantization: int4" in m for m in warnings)
+    assert metrics.FIT_FAILURES._value.get() == fit_failures + 1
+
+
+def test_spec_changed_to_impossible_removes_existing_children() -> None:
+    kube = FakeKube(h100_hosts(1))
+    reconciler = Reconciler(kube, CONFIG, clock=lambda: START)
+    run(reconciler, body("maverick"))
+    assert kube.objects
+    impossible = body("maverick", status=kube.statuses[-1])
+    impossible["spec"]["model"]["quantization"] = "bf16"
+    run(reconciler, impossible)
+    assert kube.objects == {}
+    assert any(r == "ChildrenRemoved" for _, r, _ in kube.events)
+
+
+def test_invalid_spec_is_a_permanent_error_reported_in_status() -> None:
+    kube = FakeKube(h100_hosts(1))
+    bad = body("maverick", autoscaling={"minReplicas": 5, "maxReplicas": 2})
+    with pytest.raises(kopf.PermanentError, match=r"spec\.autoscaling"):
+        run(Reconciler(kube, CONFIG, clock=lambda: START), bad)
+    assert kube.applied == []
+    found = conditions(kube.statuses[-1])
+    assert found["Ready"]["reason"] == "InvalidSpec"
+    assert "minReplicas (5) must not exceed" in found["Degraded"]["message"]
+
+
+def test_temporary_api_errors_propagate_and_are_counted() -> None:
+    kube = FakeKube(h100_hosts(1))
+    kube.fail_with = kopf.TemporaryError("409 conflict", delay=1)
+    errors = metrics.RECONCILE_ERRORS.labels(kind="temporary")._value.get()
+    with pytest.raises(kopf.TemporaryError):
+        run(Reconciler(kube, CONFIG, clock=lambda: START), body("maverick"))
+    assert metrics.RECONCILE_ERRORS.labels(kind="temporary")._value.get() == errors + 1
+
+
+def test_a_child_the_api_server_refuses_is_reported_in_status() -> None:
+    kube = FakeKube(h100_hosts(1))
+    kube.fail_with = kopf.PermanentError("apply Service llm/maverick: 422 Invalid")
+    with pytest.raises(kopf.PermanentError):
+        run(Reconciler(kube, CONFIG, clock=lambda: START), body("maverick"))
+    found = conditions(kube.statuses[-1])
+    assert found["Ready"]["reason"] == "ApplyFailed"
+    assert "422 Invalid" in found["Degraded"]["message"]
+    assert found["Fits"]["status"] == "True"
+
+
+def test_scaling_down_keeps_the_removed_worker_group_at_zero() -> None:
+    kube = FakeKube(h100_hosts(2))
+    reconciler = Reconciler(kube, CONFIG, clock=lambda: START)
+    run(reconciler, body("maverick", replicas=2))
+    run(reconciler, body("maverick", status=kube.statuses[-1], replicas=1))
+    ray_service = kube.objects[("RayService", "llm", "maverick")]
+    groups = {
+        g["groupName"]: g["replicas"]
+        for g in ray_service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    }
+    # KubeRay scales a group in place but would treat a vanished group as a new cluster.
+    assert groups == {"r0-w0": 1, "r1-w0": 0}
+    assert kube.statuses[-1]["replicas"] == 1
+
+
+def test_replicas_without_room_mark_degraded() -> None:
+    kube = FakeKube(h100_hosts(1))
+    run(Reconciler(kube, CONFIG, clock=lambda: START), body("maverick", replicas=2))
+    found = conditions(kube.statuses[-1])
+    assert found["Degraded"]["status"] == "True"
+    assert found["Degraded"]["reason"] == "InsufficientFreeGPUs"
+    assert kube.statuses[-1]["replicas"] == 1
+
+
+def test_external_ray_mode_puts_the_app_and_keeps_the_others() -> None:
+    requests: list[httpx.Request] = []
+    other_app = {"name": "someone-else", "import_path": "x:y", "route_prefix": "/x"}
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        if request.method == "GET":
+            return httpx.Response(
+                200,
+                json={
+                    "applications": {
+                        "someone-else": {"status": "RUNNING", "deployed_app_config": other_app},
+                        "llm-tiny": {"status": "DEPLOYING", "message": "starting replicas"},
+                    }
+                },
+            )
+        return httpx.Response(200, json={})
+
+    dashboard = RayDashboard("http://10.0.0.5:8265", transport=httpx.MockTransport(handle))
+    config = OperatorConfig(
+        image="img", ray_version="2.60.0", external_ray_dashboard="http://10.0.0.5:8265"
+    )
+    kube = FakeKube(h100_hosts(1))
+    run(Reconciler(kube, config, dashboard, clock=lambda: START), body("tiny-reference"))
+    puts = [r for r in requests if r.method == "PUT"]
+    assert [str(r.url) for r in puts] == ["http://10.0.0.5:8265/api/serve/applications/"]
+    apps = json.loads(puts[0].content)["applications"]
+    assert [a["name"] for a in apps] == ["someone-else", "llm-tiny"]
+    assert apps[1]["import_path"] == "llama4_serving.app:build_app"
+    assert apps[1]["route_prefix"] == "/llm/tiny"
+    assert "RayService/tiny" not in kube.applied
+    found = conditions(kube.statuses[-1])
+    assert found["Ready"]["status"] == "False"
+    assert "DEPLOYING: starting replicas" in found["Ready"]["message"]
+    assert kube.statuses[-1]["endpoint"] == "http://10.0.0.5:8000/llm/tiny/v1"
+
+
+def test_external_ray_mode_puts_nothing_when_the_app_is_already_declared() -> None:
+    # A PUT restarts a Serve build in progress, so the resync must not repeat an identical one.
+    declared: dict[str, Any] = {}
+    methods: list[str] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        methods.append(request.method)
+        if request.method == "PUT":
+            for app in json.loads(request.content)["applications"]:
+                declared[app["name"]] = app
+            return httpx.Response(200, json={})
+        apps = {
+            name: {"status": "DEPLOYING", "deployed_app_config": app}
+            for name, app in declared.items()
+        }
+        return httpx.Response(200, json={"applications": apps})
+
+    dashboard = RayDashboard("http://ray.example:8265", transport=httpx.MockTransport(handle))
+    config = OperatorConfig(
+        image="img", ray_version="2.60.0", external_ray_dashboard="http://ray.example:8265"
+    )
+    kube = FakeKube(h100_hosts(1))
+    reconciler = Reconciler(kube, config, dashboard, clock=lambda: START)
+    run(reconciler, body("tiny-reference"))
+    run(reconciler, body("tiny-reference", status=kube.statuses[-1]))
+    assert methods.count("PUT") == 1
+    changed = body("tiny-reference", status=kube.statuses[-1])
+    changed["spec"]["model"]["maxContextLength"] = 512
+    run(reconciler, changed)
+    assert methods.count("PUT") == 2
+
+
+def test_kopf_settings_use_the_project_names() -> None:
+    from llama4_operator.handlers import kopf_handlers as handlers
+
+    settings = kopf.OperatorSettings()
+    handlers.configure_settings(settings, CONFIG)
+    assert settings.persistence.finalizer == "serving.llama4.dev/finalizer"
+    progress = settings.persistence.progress_storage
+    assert isinstance(progress, kopf.AnnotationsProgressStorage)
+    assert progress.prefix == "serving.llama4.dev"
+    assert settings.peering.standalone is True
+    assert settings.watching.server_timeout == 300
+
+
+def test_operator_help_lists_its_options() -> None:
+    result = CliRunner().invoke(operator_command, ["--help"])
+    assert result.exit_code == 0
+    for option in (
+        "--namespace",
+        "--all-namespaces",
+        "--metrics-port",
+        "--external-ray-dashboard",
+        "--kubeconfig",
+    ):
+        assert option in result.output
+
+
+def test_operator_refuses_conflicting_namespace_flags() -> None:
+    result = CliRunner().invoke(operator_command, ["-n", "a", "--all-namespaces"])
+    assert result.exit_code != 0
+    assert "not both" in result.output
+
+
+def test_operator_refuses_a_dashboard_that_is_not_a_url() -> None:
+    result = CliRunner().invoke(operator_command, ["--external-ray-dashboard", "ray-head:8265"])
+    assert result.exit_code != 0
+    assert "must be an http(s) URL" in result.output
+
+
+def test_operator_fails_fast_on_unusable_credentials(tmp_path: Path) -> None:
+    empty = tmp_path / "kubeconfig"
+    empty.write_text("")
+    result = CliRunner().invoke(operator_command, ["--kubeconfig", str(empty)])
+    assert result.exit_code != 0
+    assert "cannot load Kubernetes credentials" in result.output

@@ -1,0 +1,310 @@
+"""Renderers: the child objects and the Serve config built from a spec and the plans."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from llama4_operator.api.models import Llama4DeploymentSpec
+from llama4_operator.planners.cluster_placement import GpuNode
+from llama4_operator.renderers.children import (
+    DEPLOYMENT_LABEL,
+    Owner,
+    RayPodSettings,
+    endpoint_url,
+)
+from llama4_operator.renderers.deployment import Previous, desired_state
+from llama4_operator.renderers.serving import IMPORT_PATH, parse_extra_args
+from llama4_serving.config import ServingConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+OWNER = Owner(name="maverick", namespace="llm", uid="0f6a-uid")
+SETTINGS = RayPodSettings(image="llama4-serving:test", ray_version="2.60.0")
+
+
+def h100_nodes(count: int, gpus: int = 8) -> list[GpuNode]:
+    return [
+        GpuNode(
+            name=f"gpu-{i}",
+            gpu_product="NVIDIA-H100-80GB-HBM3",
+            gpu_memory_mib=81559,
+            allocatable_gpus=gpus,
+            zone=f"zone-{'ab'[i % 2]}",
+            node_pool="pool-0",
+            nvlink_domain=f"gpu-{i}",
+        )
+        for i in range(count)
+    ]
+
+
+def sample(name: str, **changes: Any) -> Llama4DeploymentSpec:
+    body = yaml.safe_load((ROOT / "manifests" / "samples" / f"{name}.yaml").read_text())["spec"]
+    body.update(changes)
+    return Llama4DeploymentSpec.model_validate(body)
+
+
+def by_kind(children: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for child in children:
+        out.setdefault(child["kind"], []).append(child)
+    return out
+
+
+@pytest.fixture(scope="module")
+def maverick_state() -> Any:
+    spec = sample("maverick", replicas=2)
+    return desired_state(
+        OWNER, spec, h100_nodes(3), SETTINGS, Previous(), service_monitor_available=True
+    )
+
+
+def test_every_child_is_owned_and_labelled(maverick_state: Any) -> None:
+    kinds = {c["kind"] for c in maverick_state.children}
+    assert kinds == {"RayService", "Service", "ConfigMap", "ServiceMonitor"}
+    for child in maverick_state.children:
+        meta = child["metadata"]
+        assert meta["namespace"] == "llm"
+        assert meta["labels"][DEPLOYMENT_LABEL] == "maverick"
+        assert meta["labels"]["app.kubernetes.io/managed-by"] == "llama4-operator"
+        (owner,) = meta["ownerReferences"]
+        assert owner["uid"] == "0f6a-uid"
+        assert owner["kind"] == "Llama4Deployment"
+        assert owner["controller"] is True
+
+
+def test_worker_groups_follow_the_cluster_placement(maverick_state: Any) -> None:
+    (ray_service,) = by_kind(maverick_state.children)["RayService"]
+    assert ray_service["apiVersion"] == "ray.io/v1"
+    groups = ray_service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    placed = [w for r in maverick_state.placement.replicas for w in r.workers]
+    assert len(groups) == len(placed) == 2
+    for group, worker in zip(groups, placed, strict=True):
+        pod = group["template"]["spec"]
+        term = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+            "nodeSelectorTerms"
+        ][0]
+        assert term["matchFields"] == [
+            {"key": "metadata.name", "operator": "In", "values": [worker.node]}
+        ]
+        assert term["matchExpressions"][0]["values"] == ["NVIDIA-H100-80GB-HBM3"]
+        limits = pod["containers"][0]["resources"]["limits"]
+        assert limits["nvidia.com/gpu"] == "8"
+        assert group["replicas"] == 1
+    # Two replicas go to two different nodes.
+    assert len({w.node for w in placed}) == 2
+
+
+def test_pods_meet_restricted_pod_security(maverick_state: Any) -> None:
+    (ray_service,) = by_kind(maverick_state.children)["RayService"]
+    cluster = ray_service["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [
+        g["template"]["spec"] for g in cluster["workerGroupSpecs"]
+    ]
+    for pod in pods:
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for container in pod["containers"]:
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False
+            assert context["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_serve_config_carries_a_valid_serving_config(maverick_state: Any) -> None:
+    (ray_service,) = by_kind(maverick_state.children)["RayService"]
+    serve = yaml.safe_load(ray_service["spec"]["serveConfigV2"])
+    (app,) = serve["applications"]
+    assert app["import_path"] == IMPORT_PATH == "llama4_serving.app:build_app"
+    config = ServingConfig.model_validate(app["args"])
+    assert config.engine == "vllm"
+    assert config.num_replicas == 2
+    assert config.engine_args["tensor_parallel_size"] == 8
+    assert config.engine_args["enable_expert_parallel"] is True
+    assert config.engine_args["num_redundant_experts"] == 16
+    assert config.engine_args["quantization"] == "fp8"
+    assert config.architecture.num_local_experts == 128
+    assert config.architecture.interleave_moe_layer_step == 2
+    assert config.weights.uri == "meta-llama/Llama-4-Maverick-17B-128E-Instruct-FP8"
+
+
+def test_expert_config_map_holds_every_expert_on_every_layer(maverick_state: Any) -> None:
+    (config_map,) = by_kind(maverick_state.children)["ConfigMap"]
+    placement = json.loads(config_map["data"]["expert-placement.json"])
+    assert len(placement["phy2log"]) == 24  # Maverick's MoE layers
+    # 128 experts + 16 redundant slots over 8 GPUs: 18 slots per GPU.
+    assert placement["slots_per_gpu"] == 18
+    for row in placement["phy2log"]:
+        assert len(row) == 8 * 18
+        assert set(row) == set(range(128))
+
+
+def test_services_and_service_monitor(maverick_state: Any) -> None:
+    services = {s["metadata"]["name"]: s for s in by_kind(maverick_state.children)["Service"]}
+    endpoint = services["maverick"]["spec"]
+    assert endpoint["selector"] == {DEPLOYMENT_LABEL: "maverick", "ray.io/node-type": "head"}
+    assert endpoint["ports"][0]["targetPort"] == 8000
+    assert services["maverick-metrics"]["spec"]["clusterIP"] == "None"
+    (monitor,) = by_kind(maverick_state.children)["ServiceMonitor"]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert all(
+        services["maverick-metrics"]["metadata"]["labels"][k] == v for k, v in selector.items()
+    )
+
+
+def test_service_monitor_scrapes_ray_and_engine_metrics(maverick_state: Any) -> None:
+    (monitor,) = by_kind(maverick_state.children)["ServiceMonitor"]
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics", "engine-metrics"]
+    services = {s["metadata"]["name"]: s for s in by_kind(maverick_state.children)["Service"]}
+    ports = {p["name"]: p["port"] for p in services["maverick-metrics"]["spec"]["ports"]}
+    assert ports == {"metrics": 8080, "engine-metrics": maverick_state.serving.metrics_port}
+
+
+def test_accelerator_resource_reaches_the_serving_config() -> None:
+    settings = RayPodSettings(image="x", ray_version="2.60.0", accelerator_resource="fake_gpu")
+    state = desired_state(OWNER, sample("tiny-reference"), h100_nodes(1), settings, Previous())
+    assert state.serving is not None
+    assert state.serving.accelerator_resource == "fake_gpu"
+
+
+def test_no_service_monitor_without_its_crd() -> None:
+    state = desired_state(
+        OWNER,
+        sample("maverick"),
+        h100_nodes(1),
+        SETTINGS,
+        Previous(),
+        service_monitor_available=False,
+    )
+    assert "ServiceMonitor" not in {c["kind"] for c in state.children}
+
+
+def test_nothing_is_rendered_when_the_model_does_not_fit() -> None:
+    spec = sample("maverick")
+    spec = spec.model_copy(update={"model": spec.model.model_copy(update={"quantization": "bf16"})})
+    state = desired_state(OWNER, spec, h100_nodes(1, gpus=4), SETTINGS, Previous())
+    assert not state.fit.fits
+    assert state.children == []
+
+
+def test_replicas_beyond_free_gpus_are_reported_unplaced() -> None:
+    state = desired_state(
+        OWNER, sample("maverick", replicas=3), h100_nodes(2), SETTINGS, Previous()
+    )
+    assert state.fit.fits
+    assert state.placed_replicas == 2
+    assert state.placement is not None
+    assert state.placement.unplaced == 1
+    assert state.placement.reason
+
+
+def test_a_stable_previous_plan_is_kept(maverick_state: Any) -> None:
+    again = desired_state(
+        OWNER,
+        sample("maverick", replicas=2),
+        list(reversed(h100_nodes(3))),
+        SETTINGS,
+        Previous(placement=maverick_state.placement, experts=maverick_state.experts.placement),
+        service_monitor_available=True,
+    )
+    assert again.placement == maverick_state.placement
+    assert again.experts is not None
+    assert again.experts.placement == maverick_state.experts.placement
+
+
+def test_external_ray_mode_renders_no_ray_service() -> None:
+    state = desired_state(
+        OWNER,
+        sample("tiny-reference"),
+        h100_nodes(1),
+        SETTINGS,
+        Previous(),
+        external_dashboard="http://10.0.0.5:8265",
+    )
+    kinds = sorted(c["kind"] for c in state.children)
+    assert kinds == ["ConfigMap", "EndpointSlice", "Service"]
+    assert state.external_application is not None
+    assert state.external_application["route_prefix"] == "/llm/maverick"
+    ServingConfig.model_validate(state.external_application["args"])
+    by_name = desired_state(
+        OWNER,
+        sample("tiny-reference"),
+        h100_nodes(1),
+        SETTINGS,
+        Previous(),
+        external_dashboard="http://ray-head.ray.svc:8265",
+    )
+    (service,) = by_kind(by_name.children)["Service"]
+    assert service["spec"] == {
+        "type": "ExternalName",
+        "externalName": "ray-head.ray.svc",
+        "ports": [{"name": "http", "port": 8000, "protocol": "TCP"}],
+    }
+
+
+def test_external_ray_on_loopback_gets_no_endpoint_objects() -> None:
+    # A Ray cluster on the operator's machine: pods cannot reach 127.0.0.1, and the API server
+    # refuses loopback EndpointSlices.
+    state = desired_state(
+        OWNER,
+        sample("tiny-reference"),
+        h100_nodes(1),
+        SETTINGS,
+        Previous(),
+        external_dashboard="http://127.0.0.1:8265",
+    )
+    assert [c["kind"] for c in state.children] == ["ConfigMap"]
+    assert endpoint_url(OWNER, sample("tiny-reference"), "http://127.0.0.1:8265") == (
+        "http://127.0.0.1:8000/llm/maverick/v1"
+    )
+
+
+def test_tiny_reference_sample_renders_the_reference_engine() -> None:
+    state = desired_state(OWNER, sample("tiny-reference"), h100_nodes(1), SETTINGS, Previous())
+    assert state.fit.fits
+    assert state.serving is not None
+    assert state.serving.engine == "reference"
+    assert state.serving.engine_args == {}
+    assert state.serving.weights.kind == "random"
+    assert state.serving.architecture.attention_chunk_size == 32
+
+
+def test_extra_args_are_read_as_yaml_scalars() -> None:
+    assert parse_extra_args({"a": "true", "b": "4", "c": "0.9", "d": "x", "e": "[1]"}) == {
+        "a": True,
+        "b": 4,
+        "c": 0.9,
+        "d": "x",
+        "e": "[1]",
+    }
+
+
+def test_placement_only_uses_nodes_the_node_selector_allows() -> None:
+    nodes = [
+        replace(node, labels=(("team", "search" if i < 2 else "ads"),))
+        for i, node in enumerate(h100_nodes(4))
+    ]
+    spec = sample("maverick", replicas=3)
+    spec = spec.model_copy(
+        update={"resources": spec.resources.model_copy(update={"node_selector": {"team": "ads"}})}
+    )
+    state = desired_state(OWNER, spec, nodes, SETTINGS, Previous())
+    assert state.placement is not None
+    placed = {w.node for r in state.placement.replicas for w in r.workers}
+    assert placed == {"gpu-2", "gpu-3"}
+    assert state.placement.unplaced == 1
+
+
+def test_a_node_selector_no_gpu_node_matches_means_no_fit() -> None:
+    spec = sample("maverick")
+    spec = spec.model_copy(
+        update={"resources": spec.resources.model_copy(update={"node_selector": {"team": "x"}})}
+    )
+    state = desired_state(OWNER, spec, h100_nodes(2), SETTINGS, Previous())
+    assert not state.fit.fits
+    assert state.children == []
+    assert "0 of 2 GPU nodes that match resources.nodeSelector" in state.fit.message

@@ -1,0 +1,101 @@
+"""Validation of the serving contract, of requests, and `build_app`'s checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from llama4_serving.app import RuntimeKnobs, build_app
+from llama4_serving.config import ExpertPlacement, ServingConfig
+from llama4_serving.openai_protocol import ChatCompletionRequest, CompletionRequest
+from llama4_serving.tiny import tiny_architecture
+
+
+def _args(**overrides: Any) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "served_model_name": "tiny",
+        "architecture": tiny_architecture().model_dump(),
+    }
+    args.update(overrides)
+    return args
+
+
+def _plan(
+    phy2log: list[list[int]], nodes: int = 2, gpus: int = 2, slots: int = 1
+) -> dict[str, Any]:
+    return {"nodes": nodes, "gpus_per_node": gpus, "slots_per_gpu": slots, "phy2log": phy2log}
+
+
+def test_placement_needs_one_row_per_moe_layer() -> None:
+    with pytest.raises(ValidationError, match="one row per MoE layer"):
+        ServingConfig.model_validate(_args(placement=_plan([[0, 1, 2, 3]])))
+
+
+def test_placement_must_hold_every_expert() -> None:
+    with pytest.raises(ValidationError, match=r"phy2log\[1\] holds no copy of experts \[3\]"):
+        ServingConfig.model_validate(_args(placement=_plan([[0, 1, 2, 3], [0, 1, 2, 2]])))
+
+
+def test_placement_rejects_unknown_expert_ids() -> None:
+    with pytest.raises(ValidationError, match=r"valid ids are 0..3"):
+        ServingConfig.model_validate(_args(placement=_plan([[0, 1, 2, 3], [0, 1, 2, 9]])))
+
+
+def test_build_app_rejects_engines_and_quantisation_it_cannot_serve() -> None:
+    with pytest.raises(ValueError, match="engine 'vllm'"):
+        build_app(_args(engine="vllm"))
+    with pytest.raises(ValueError, match="quantization 'fp8'"):
+        build_app(_args(quantization="fp8"))
+    with pytest.raises(ValidationError, match="served_model_name"):
+        build_app(_args(served_model_name=""))
+
+
+def test_build_app_passes_runtime_knobs_as_user_config() -> None:
+    plan = _plan([[0, 1, 2, 3], [3, 2, 1, 0]])
+    app = build_app(_args(placement=plan))
+    ingress = app._bound_deployment  # the bound graph Serve will deploy
+    server = ingress.init_args[0]._bound_deployment
+    knobs = RuntimeKnobs.model_validate(server.user_config)
+    assert knobs.placement == ExpertPlacement.model_validate(plan)
+    assert server.max_ongoing_requests == 2 * knobs.batching.max_num_seqs  # type: ignore[union-attr]
+
+
+def test_runtime_knobs_refuse_unknown_fields() -> None:
+    with pytest.raises(ValidationError, match="batchng"):
+        RuntimeKnobs.model_validate({"batchng": {}})
+
+
+@pytest.mark.parametrize(
+    ("request_body", "field"),
+    [
+        ({"model": "m", "prompt": "x", "temperature": 5}, "temperature"),
+        ({"model": "m", "prompt": "x", "n": 2}, "n"),
+        ({"model": "m", "prompt": ["a", "b"]}, "prompt"),
+        ({"model": "m", "prompt": "x", "stop": [""]}, "stop"),
+        ({"model": "m", "prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ],
+)
+def test_completion_requests_name_the_bad_field(request_body: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValidationError, match=field):
+        CompletionRequest.model_validate(request_body)
+
+
+def test_chat_schema_accepts_image_parts() -> None:
+    request = ChatCompletionRequest.model_validate(
+        {
+            "model": "m",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "what is this?"},
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}},
+                    ],
+                }
+            ],
+        }
+    )
+    assert request.messages[0].has_image()
+    assert request.messages[0].text() == "what is this?"
