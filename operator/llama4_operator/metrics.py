@@ -44,6 +44,19 @@ EXPERT_BALANCE = Gauge(
     ["namespace", "name"],
     registry=REGISTRY,
 )
+READY_REPLICAS = Gauge(
+    "llama4_operator_ready_replicas",
+    "Replicas of a Llama4Deployment that serve (its status.readyReplicas).",
+    ["namespace", "name"],
+    registry=REGISTRY,
+)
+GPUS = Gauge(
+    "llama4_operator_gpus",
+    "GPUs the placed replicas of a Llama4Deployment hold (for cost per token).",
+    ["namespace", "name"],
+    registry=REGISTRY,
+)
+_PER_DEPLOYMENT = (EXPERT_BALANCE, READY_REPLICAS, GPUS)
 
 for _kind in ("temporary", "permanent", "unexpected"):
     RECONCILE_ERRORS.labels(kind=_kind)  # exported as 0 from the start, so rates work
@@ -58,12 +71,19 @@ def record_conditions(namespace: str, name: str, conditions: Mapping[str, str]) 
     _refresh_deployments()
 
 
+def record_capacity(namespace: str, name: str, *, ready_replicas: int, gpus: int) -> None:
+    """What a deployment serves with: ready replicas and the GPUs its placed replicas hold."""
+    READY_REPLICAS.labels(namespace, name).set(ready_replicas)
+    GPUS.labels(namespace, name).set(gpus)
+
+
 def forget(namespace: str, name: str) -> None:
     """Drop a deleted deployment from every per-deployment metric."""
     _conditions.pop((namespace, name), None)
     _refresh_deployments()
-    with contextlib.suppress(KeyError):
-        EXPERT_BALANCE.remove(namespace, name)
+    for gauge in _PER_DEPLOYMENT:
+        with contextlib.suppress(KeyError):
+            gauge.remove(namespace, name)
 
 
 def _refresh_deployments() -> None:

@@ -251,6 +251,13 @@ def _check_operator_side_monitoring(prom: PrometheusApi, name: str) -> None:
     selector = f'namespace="{WATCHED_NS}", name="{name}"'
     balance = prom.query(f"llama4_operator_expert_balance_ratio{{{job}, {selector}}}")
     assert 0 < float(balance[0]["value"][1]) <= 1
+    # The overview's GPUs and cost panels, and its ready-replicas series.
+    gpus = wait_for(
+        lambda: prom.query(f"llama4_operator_gpus{{{job}, {selector}}}"), 60, "the GPUs gauge"
+    )
+    assert float(gpus[0]["value"][1]) == 1.0  # Scout in int4 holds one H100
+    ready = prom.query(f"llama4_operator_ready_replicas{{{job}, {selector}}}")
+    assert float(ready[0]["value"][1]) == 0.0  # nothing runs in KWOK pods
     # Llama4OperatorMetricsMissing stays silent while the operator is up.
     assert prom.query(f"absent(up{{{job}}} == 1)") == []
 

@@ -148,6 +148,12 @@ def test_ready_only_when_the_ray_service_says_running() -> None:
     assert found["Ready"]["reason"] == "ServeApplicationRunning"
     assert found["Progressing"]["status"] == "False"
     assert kube.statuses[-1]["readyReplicas"] == 1
+    sample = metrics.REGISTRY.get_sample_value
+    labels = {"namespace": "llm", "name": "maverick"}
+    assert sample("llama4_operator_ready_replicas", labels) == 1
+    assert sample("llama4_operator_gpus", labels) == 8
+    metrics.forget("llm", "maverick")
+    assert sample("llama4_operator_gpus", labels) is None
 
 
 def test_unchanged_conditions_keep_their_time_and_post_no_new_events() -> None:

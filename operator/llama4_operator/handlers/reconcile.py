@@ -235,6 +235,12 @@ class Reconciler:
         metrics.record_conditions(
             owner.namespace, owner.name, {c.type: c.status for c in conditions}
         )
+        metrics.record_capacity(
+            owner.namespace,
+            owner.name,
+            ready_replicas=status.get("readyReplicas", 0),
+            gpus=state.gpus_held if state else 0,
+        )
         posted: set[tuple[str, str]] = set()
         # Warnings first, so a message shared with a Normal condition is posted as a Warning.
         for update in sorted(transitions(previous, updates), key=lambda u: not u.is_bad):

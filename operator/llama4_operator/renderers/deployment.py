@@ -60,6 +60,13 @@ class DesiredState:
     def placed_replicas(self) -> int:
         return len(self.placement.replicas) if self.placement else 0
 
+    @property
+    def gpus_held(self) -> int:
+        """GPUs the placed replicas' workers request."""
+        if self.placement is None:
+            return 0
+        return sum(w.gpus for replica in self.placement.replicas for w in replica.workers)
+
 
 def previous_placement(status: PlacementStatus | None) -> ClusterPlacement | None:
     """The cluster placement recorded in status, in the planner's types."""
