@@ -115,6 +115,36 @@ def _kubeconfig(server: str, ca: Path, user: str, pair: pki.KeyPair) -> dict[str
     }
 
 
+Ready = Callable[[], bool]
+# Flags the controller-manager and the scheduler share: loopback only, a single instance.
+_COMPONENT_FLAGS = (f"--bind-address={LOOPBACK}", "--leader-elect=false", "--profiling=false")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    ca: Path
+    serving: pki.KeyPair
+    service_accounts: pki.KeyPair
+    kubeconfigs: dict[str, str]
+
+
+def _delegated_auth(kubeconfig: str) -> list[str]:
+    return [
+        f"--kubeconfig={kubeconfig}",
+        f"--authentication-kubeconfig={kubeconfig}",
+        f"--authorization-kubeconfig={kubeconfig}",
+    ]
+
+
+def _http_ok(url: str) -> bool:
+    return httpx.get(url, timeout=2).status_code == 200
+
+
+def _component_healthy(port: int) -> bool:
+    # Self-signed serving certs; /healthz is readable anonymously by default.
+    return httpx.get(f"https://{LOOPBACK}:{port}/healthz", verify=False, timeout=2).text == "ok"
+
+
 class LocalCluster:
     """One local control plane. Use as a context manager, or `up()` / `down()`."""
 
@@ -196,15 +226,27 @@ class LocalCluster:
         ports = state["ports"]
         for name in ("etcd", "etcd_peer", "apiserver", "controller_manager", "scheduler", "kwok"):
             ports[name] = free_port()
-        pki_dir = self.directory / "pki"
-        ca = pki.CertificateAuthority(pki_dir)
+        credentials = self._issue_credentials(f"https://{LOOPBACK}:{ports['apiserver']}")
+        self._write_state(state)
+        kube = tools["kubernetes"]
+        for component, ready in (
+            self._etcd(tools["etcd"], ports),
+            self._apiserver(kube, ports, credentials),
+            self._controller_manager(kube, ports, credentials),
+            self._scheduler(kube, ports, credentials),
+            self._kwok(tools["kwok"], ports, credentials),
+        ):
+            self._start(state, component, ready)
+
+    def _issue_credentials(self, server: str) -> Credentials:
+        """The CA, the API server's serving cert, the service-account key pair, and one client
+        certificate and kubeconfig per user (the admin's is `kubeconfig`)."""
+        ca = pki.CertificateAuthority(self.directory / "pki")
         serving = ca.issue(
             "apiserver",
             "kube-apiserver",
             hosts=(LOOPBACK, "localhost", "10.96.0.1", "kubernetes", "kubernetes.default.svc"),
         )
-        service_accounts = ca.signing_key("service-accounts")
-        server = f"https://{LOOPBACK}:{ports['apiserver']}"
         kubeconfigs = {}
         for user, common_name, groups in (
             ("admin", "llama4-admin", ("system:masters",)),
@@ -216,123 +258,101 @@ class LocalCluster:
             target = self.directory / ("kubeconfig" if user == "admin" else f"{user}.kubeconfig")
             target.write_text(yaml.safe_dump(_kubeconfig(server, ca.cert_path, user, pair)))
             kubeconfigs[user] = str(target)
-        self._write_state(state)
+        return Credentials(ca.cert_path, serving, ca.signing_key("service-accounts"), kubeconfigs)
 
-        kube = tools["kubernetes"]
-        data = self.directory / "etcd-data"
-        etcd_url = f"http://{LOOPBACK}:{ports['etcd']}"
-        self._start(
-            state,
-            Component(
-                "etcd",
-                [
-                    str(tools["etcd"].binary()),
-                    f"--name={self.config.name}",
-                    f"--data-dir={data}",
-                    f"--listen-client-urls={etcd_url}",
-                    f"--advertise-client-urls={etcd_url}",
-                    f"--listen-peer-urls=http://{LOOPBACK}:{ports['etcd_peer']}",
-                    f"--initial-advertise-peer-urls=http://{LOOPBACK}:{ports['etcd_peer']}",
-                    f"--initial-cluster={self.config.name}=http://{LOOPBACK}:{ports['etcd_peer']}",
-                    "--unsafe-no-fsync",
-                    "--quota-backend-bytes=8589934592",
-                    "--log-level=warn",
-                ],
-            ),
-            ready=lambda: httpx.get(f"{etcd_url}/health", timeout=2).status_code == 200,
-        )
-        self._start(
-            state,
-            Component(
-                "kube-apiserver",
-                [
-                    str(kube.binary("kube-apiserver")),
-                    f"--etcd-servers={etcd_url}",
-                    f"--bind-address={LOOPBACK}",
-                    f"--advertise-address={LOOPBACK}",
-                    f"--secure-port={ports['apiserver']}",
-                    "--endpoint-reconciler-type=none",
-                    f"--cert-dir={pki_dir}",
-                    f"--tls-cert-file={serving.cert}",
-                    f"--tls-private-key-file={serving.key}",
-                    f"--client-ca-file={ca.cert_path}",
-                    f"--service-cluster-ip-range={SERVICE_CIDR}",
-                    "--authorization-mode=Node,RBAC",
-                    "--enable-admission-plugins=NodeRestriction",
-                    "--allow-privileged=true",
-                    f"--service-account-key-file={service_accounts.cert}",
-                    f"--service-account-signing-key-file={service_accounts.key}",
-                    "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-                    "--profiling=false",
-                    "--v=0",
-                ],
-            ),
-            ready=lambda: self._api_ready("/readyz"),
-        )
-        common = [f"--bind-address={LOOPBACK}", "--leader-elect=false", "--profiling=false"]
-        self._start(
-            state,
-            Component(
-                "kube-controller-manager",
-                [
-                    str(kube.binary("kube-controller-manager")),
-                    *common,
-                    f"--secure-port={ports['controller_manager']}",
-                    f"--cert-dir={self.directory / 'controller-manager-certs'}",
-                    *self._delegated_auth(kubeconfigs["controller-manager"]),
-                    f"--service-account-private-key-file={service_accounts.key}",
-                    f"--root-ca-file={ca.cert_path}",
-                    "--use-service-account-credentials=true",
-                    f"--service-cluster-ip-range={SERVICE_CIDR}",
-                    "--controllers=*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller",
-                ],
-            ),
-            ready=lambda: self._component_healthy(ports["controller_manager"]),
-        )
-        self._start(
-            state,
-            Component(
-                "kube-scheduler",
-                [
-                    str(kube.binary("kube-scheduler")),
-                    *common,
-                    f"--secure-port={ports['scheduler']}",
-                    f"--cert-dir={self.directory / 'scheduler-certs'}",
-                    *self._delegated_auth(kubeconfigs["scheduler"]),
-                ],
-            ),
-            ready=lambda: self._component_healthy(ports["scheduler"]),
-        )
-        kwok = tools["kwok"]
-        self._start(
-            state,
-            Component(
-                "kwok",
-                [
-                    str(kwok.binary()),
-                    f"--kubeconfig={kubeconfigs['kwok']}",
-                    f"--config={kwok.home / 'stages.yaml'}",
-                    "--manage-all-nodes=false",
-                    "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-                    f"--cidr={POD_CIDR}",
-                    f"--node-ip={LOOPBACK}",
-                    "--node-lease-duration-seconds=40",
-                    f"--server-address={LOOPBACK}:{ports['kwok']}",
-                ],
-            ),
-            ready=lambda: (
-                httpx.get(f"http://{LOOPBACK}:{ports['kwok']}/healthz", timeout=2).status_code
-                == 200
-            ),
-        )
+    def _etcd(self, etcd: devtools.Tool, ports: dict[str, int]) -> tuple[Component, Ready]:
+        client_url = f"http://{LOOPBACK}:{ports['etcd']}"
+        peer_url = f"http://{LOOPBACK}:{ports['etcd_peer']}"
+        command = [
+            str(etcd.binary()),
+            f"--name={self.config.name}",
+            f"--data-dir={self.directory / 'etcd-data'}",
+            f"--listen-client-urls={client_url}",
+            f"--advertise-client-urls={client_url}",
+            f"--listen-peer-urls={peer_url}",
+            f"--initial-advertise-peer-urls={peer_url}",
+            f"--initial-cluster={self.config.name}={peer_url}",
+            "--unsafe-no-fsync",  # the data is thrown away with the cluster
+            "--quota-backend-bytes=8589934592",
+            "--log-level=warn",
+        ]
+        return Component("etcd", command), lambda: _http_ok(f"{client_url}/health")
+
+    def _apiserver(
+        self, kube: devtools.Tool, ports: dict[str, int], credentials: Credentials
+    ) -> tuple[Component, Ready]:
+        command = [
+            str(kube.binary("kube-apiserver")),
+            f"--etcd-servers=http://{LOOPBACK}:{ports['etcd']}",
+            f"--bind-address={LOOPBACK}",
+            f"--secure-port={ports['apiserver']}",
+            # A loopback advertise address is refused unless endpoints are not reconciled.
+            f"--advertise-address={LOOPBACK}",
+            "--endpoint-reconciler-type=none",
+            f"--cert-dir={self.directory / 'pki'}",
+            f"--tls-cert-file={credentials.serving.cert}",
+            f"--tls-private-key-file={credentials.serving.key}",
+            f"--client-ca-file={credentials.ca}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--authorization-mode=Node,RBAC",
+            "--enable-admission-plugins=NodeRestriction",  # PodSecurity is on by default
+            "--allow-privileged=true",
+            f"--service-account-key-file={credentials.service_accounts.cert}",
+            f"--service-account-signing-key-file={credentials.service_accounts.key}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            "--profiling=false",
+            "--v=0",
+        ]
+        return Component("kube-apiserver", command), lambda: self._api_ready("/readyz")
+
+    def _controller_manager(
+        self, kube: devtools.Tool, ports: dict[str, int], credentials: Credentials
+    ) -> tuple[Component, Ready]:
+        port = ports["controller_manager"]
+        command = [
+            str(kube.binary("kube-controller-manager")),
+            *_COMPONENT_FLAGS,
+            f"--secure-port={port}",
+            f"--cert-dir={self.directory / 'controller-manager-certs'}",
+            *_delegated_auth(credentials.kubeconfigs["controller-manager"]),
+            f"--service-account-private-key-file={credentials.service_accounts.key}",
+            f"--root-ca-file={credentials.ca}",
+            "--use-service-account-credentials=true",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--controllers=*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller",
+        ]
+        return Component("kube-controller-manager", command), lambda: _component_healthy(port)
+
+    def _scheduler(
+        self, kube: devtools.Tool, ports: dict[str, int], credentials: Credentials
+    ) -> tuple[Component, Ready]:
+        port = ports["scheduler"]
+        command = [
+            str(kube.binary("kube-scheduler")),
+            *_COMPONENT_FLAGS,
+            f"--secure-port={port}",
+            f"--cert-dir={self.directory / 'scheduler-certs'}",
+            *_delegated_auth(credentials.kubeconfigs["scheduler"]),
+        ]
+        return Component("kube-scheduler", command), lambda: _component_healthy(port)
 
     @staticmethod
-    def _delegated_auth(kubeconfig: str) -> list[str]:
-        return [
-            f"--kubeconfig={kubeconfig}",
-            f"--authentication-kubeconfig={kubeconfig}",
-            f"--authorization-kubeconfig={kubeconfig}",
+    def _kwok(
+        kwok: devtools.Tool, ports: dict[str, int], credentials: Credentials
+    ) -> tuple[Component, Ready]:
+        address = f"{LOOPBACK}:{ports['kwok']}"
+        command = [
+            str(kwok.binary()),
+            f"--kubeconfig={credentials.kubeconfigs['kwok']}",
+            f"--config={kwok.home / 'stages.yaml'}",
+            "--manage-all-nodes=false",
+            "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+            f"--cidr={POD_CIDR}",
+            f"--node-ip={LOOPBACK}",
+            "--node-lease-duration-seconds=40",
+            f"--server-address={address}",
         ]
+        return Component("kwok", command), lambda: _http_ok(f"http://{address}/healthz")
 
     def _start_kuberay(self, kuberay: devtools.Tool, state: dict[str, Any]) -> None:
         from kubernetes import utils  # noqa: PLC0415  (the client is only needed once up)
@@ -355,14 +375,10 @@ class LocalCluster:
                     f"--kubeconfig={self.kubeconfig}",
                 ],
             ),
-            ready=lambda: (
-                httpx.get(f"http://{LOOPBACK}:{probe}/readyz", timeout=2).status_code == 200
-            ),
+            ready=lambda: _http_ok(f"http://{LOOPBACK}:{probe}/readyz"),
         )
 
-    def start_component(
-        self, component: Component, ready: Callable[[], bool], port: int | None = None
-    ) -> None:
+    def start_component(self, component: Component, ready: Ready, port: int | None = None) -> None:
         """Run one more process as part of the cluster (the demo's operator, say), so that
         `down` stops it with the rest."""
         state = self._read_state()
@@ -370,9 +386,7 @@ class LocalCluster:
             state["ports"][component.name] = port
         self._start(state, component, ready)
 
-    def _start(
-        self, state: dict[str, Any], component: Component, ready: Callable[[], bool]
-    ) -> None:
+    def _start(self, state: dict[str, Any], component: Component, ready: Ready) -> None:
         log_path = self.directory / "logs" / f"{component.name}.log"
         with log_path.open("wb") as log:
             process = subprocess.Popen(
@@ -414,11 +428,6 @@ class LocalCluster:
     def _api_ready(self, path: str) -> bool:
         with self._admin_http() as client:
             return client.get(path).status_code == 200
-
-    @staticmethod
-    def _component_healthy(port: int) -> bool:
-        # Self-signed serving certs; /healthz is readable anonymously by default.
-        return httpx.get(f"https://{LOOPBACK}:{port}/healthz", verify=False, timeout=2).text == "ok"
 
     def api_client(self) -> Any:
         """A `kubernetes` ApiClient authenticated as the cluster admin."""
