@@ -334,6 +334,7 @@ def test_kopf_settings_use_the_project_names() -> None:
     assert progress.prefix == "serving.llama4.dev"
     assert settings.peering.standalone is True
     assert settings.watching.server_timeout == 300
+    assert settings.background.cancellation_polling == 1
 
 
 def test_operator_help_lists_its_options() -> None:
