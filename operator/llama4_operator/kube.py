@@ -30,7 +30,7 @@ from tenacity import (
 )
 
 from llama4_operator.api.models import GROUP, KIND, PLURAL, VERSION
-from llama4_operator.planners.cluster_placement import GpuNode
+from llama4_operator.planners.cluster_placement import GpuNode, NodeTaint
 from llama4_operator.planners.gpu_products import GPU_RESOURCE, MEMORY_LABEL, PRODUCT_LABEL
 from llama4_operator.renderers.children import DEPLOYMENT_LABEL
 
@@ -159,6 +159,14 @@ def gpu_node_from(node: Mapping[str, Any], gpus_used_elsewhere: int) -> GpuNode 
         nvlink_domain=node_labels.get(NVLINK_LABEL, ""),
         schedulable=ready and not (node.get("spec") or {}).get("unschedulable", False),
         labels=tuple(sorted(node_labels.items())),
+        taints=tuple(
+            NodeTaint(
+                key=str(t.get("key", "")),
+                value=str(t.get("value") or ""),
+                effect=str(t.get("effect", "")),
+            )
+            for t in (node.get("spec") or {}).get("taints") or []
+        ),
     )
 
 

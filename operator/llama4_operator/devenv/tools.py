@@ -8,6 +8,7 @@ carry `replace` directives that `go install` refuses.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -365,6 +367,25 @@ def ensure_tools(names: Sequence[str] = (), console: Console | None = None) -> d
     console = console or Console(stderr=True, log_path=False)
     selected = [tool(name) for name in names] if names else list(TOOLS)
     paths.cache_root().mkdir(parents=True, exist_ok=True)
+    # Two test sessions or a demo and a test starting together must not build into (and
+    # delete) the same tool home at once: the second waits, then finds the tools current.
+    with (paths.cache_root() / ".build.lock").open("w") as lock:
+        if not _try_lock(lock):
+            console.log("another process is building the tools; waiting for it ...")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        _ensure(selected, console)
+    return {item.name: item for item in selected}
+
+
+def _try_lock(lock: IO[str]) -> bool:
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _ensure(selected: Sequence[Tool], console: Console) -> None:
     for item in selected:
         if is_current(item):
             console.log(f"[green]✓[/] {item.name} {item.version} (cached in {item.home})")
@@ -388,4 +409,3 @@ def ensure_tools(names: Sequence[str] = (), console: Console | None = None) -> d
             f"[green]✓[/] {item.name} {item.version} built and verified "
             f"in {time.monotonic() - started:.0f} s"
         )
-    return {item.name: item for item in selected}

@@ -19,6 +19,35 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+# Taint effects that keep a pod off a node unless tolerated (PreferNoSchedule only discourages).
+_HARD_TAINT_EFFECTS = frozenset({"NoSchedule", "NoExecute"})
+
+
+@dataclass(frozen=True)
+class NodeTaint:
+    """A node taint (core/v1 Taint)."""
+
+    key: str
+    value: str = ""
+    effect: str = "NoSchedule"
+
+
+@dataclass(frozen=True)
+class PodToleration:
+    """A pod toleration (core/v1 Toleration), with Kubernetes' matching rules."""
+
+    key: str = ""  # empty with operator Exists: every key
+    operator: str = "Equal"  # Equal or Exists
+    value: str = ""
+    effect: str = ""  # empty: every effect
+
+    def tolerates(self, taint: NodeTaint) -> bool:
+        if self.effect and self.effect != taint.effect:
+            return False
+        if self.operator == "Exists":
+            return not self.key or self.key == taint.key
+        return self.key == taint.key and self.value == taint.value
+
 
 @dataclass(frozen=True)
 class GpuNode:
@@ -32,11 +61,21 @@ class GpuNode:
     nvlink_domain: str = ""  # llama4.dev/nvlink-domain
     schedulable: bool = True
     labels: tuple[tuple[str, str], ...] = ()  # all node labels, for spec.resources.nodeSelector
+    taints: tuple[NodeTaint, ...] = ()  # spec.taints, for spec.resources.tolerations
 
     def matches(self, selector: Mapping[str, str]) -> bool:
         """Whether a pod with this nodeSelector may land here."""
         labels = dict(self.labels)
         return all(labels.get(key) == value for key, value in selector.items())
+
+    def tolerated_by(self, tolerations: Sequence[PodToleration]) -> bool:
+        """Whether a pod with these tolerations may land here: every NoSchedule and NoExecute
+        taint is tolerated, as the scheduler's TaintToleration filter requires."""
+        return all(
+            any(t.tolerates(taint) for t in tolerations)
+            for taint in self.taints
+            if taint.effect in _HARD_TAINT_EFFECTS
+        )
 
 
 @dataclass(frozen=True)

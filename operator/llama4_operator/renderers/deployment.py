@@ -12,6 +12,7 @@ from llama4_operator.api.models import Llama4DeploymentSpec, PlacementStatus
 from llama4_operator.planners.cluster_placement import (
     ClusterPlacement,
     GpuNode,
+    PodToleration,
     ReplicaAssignment,
     ReplicaShape,
     WorkerAssignment,
@@ -68,6 +69,16 @@ class DesiredState:
         return sum(w.gpus for replica in self.placement.replicas for w in replica.workers)
 
 
+def pod_tolerations(spec: Llama4DeploymentSpec) -> list[PodToleration]:
+    """The Ray pods' tolerations in the planner's terms."""
+    return [
+        PodToleration(
+            key=t.key or "", operator=t.operator, value=t.value or "", effect=t.effect or ""
+        )
+        for t in spec.resources.tolerations
+    ]
+
+
 def previous_placement(status: PlacementStatus | None) -> ClusterPlacement | None:
     """The cluster placement recorded in status, in the planner's types."""
     if status is None or not status.replicas:
@@ -97,14 +108,20 @@ def desired_state(
 ) -> DesiredState:
     """Plan and render. When the model does not fit, the state has no children."""
     # Only nodes the pods may land on count: fit and placement see what the scheduler will.
-    selected = [node for node in nodes if node.matches(spec.resources.node_selector)]
+    tolerations = pod_tolerations(spec)
+    selected = [
+        node
+        for node in nodes
+        if node.matches(spec.resources.node_selector) and node.tolerated_by(tolerations)
+    ]
     capacities, skipped = capacities_from_nodes(selected)
     fit = check_fit(FitRequest.from_spec(spec), capacities)
     if len(selected) < len(nodes) and not fit.fits:
         fit = replace(
             fit,
             message=f"{fit.message} (only the {len(selected)} of {len(nodes)} GPU nodes that "
-            f"match resources.nodeSelector count)",
+            f"match resources.nodeSelector and whose NoSchedule/NoExecute taints "
+            f"resources.tolerations tolerate count)",
         )
     nodes = selected
     if not fit.fits or fit.layout is None or fit.product is None:
