@@ -21,13 +21,20 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import start_http_server
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
 
-from llama4_serving.config import BatchingLimits, ExpertPlacement, ServingConfig
+from llama4_serving import metrics_targets
+from llama4_serving.config import (
+    LLM_SERVER_DEPLOYMENT,
+    RuntimeKnobs,
+    ServingConfig,
+    application_args,
+    max_ongoing_requests,
+)
 from llama4_serving.engines.reference.engine import (
     AsyncEngine,
     ReferenceEngine,
@@ -50,20 +57,58 @@ from llama4_serving.openai_protocol import (
 logger = logging.getLogger(__name__)
 
 
-class RuntimeKnobs(BaseModel):
-    """The `user_config` of `LLMServer`: what can change without restarting a replica."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    batching: BatchingLimits | None = None
-    placement: ExpertPlacement | None = None
-
-
 def _error(status: int, message: str) -> dict[str, Any]:
     return {"type": "error", "status": status, "message": message}
 
 
-@serve.deployment(name="LLMServer", health_check_period_s=10)
+# A request body is JSON: its prompt is at most max_model_len tokens, as ids (up to 8 bytes each
+# with the comma) or text (a few bytes per token, more once escaped); the rest is small fields.
+REQUEST_BYTES_PER_TOKEN = 32
+# How long a request may wait for its first output (queueing plus prefill) before a 503.
+FIRST_OUTPUT_TIMEOUT_S = 90.0
+REQUEST_BYTES_OVERHEAD = 64 * 1024
+
+
+def max_request_bytes(max_model_len: int) -> int:
+    """The largest body a generation request may have: larger ones get 413 unread."""
+    return REQUEST_BYTES_OVERHEAD + REQUEST_BYTES_PER_TOKEN * max_model_len
+
+
+class RequestTooLargeError(ValueError):
+    """The body exceeds `max_request_bytes`."""
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, read only up to `limit` bytes (a huge upload is refused, not buffered)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestTooLargeError(f"the request body has {declared} bytes; at most {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLargeError(f"the request body exceeds {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _not_json(request: Request) -> JSONResponse | None:
+    """415 for a declared content type other than JSON (none at all is taken as JSON)."""
+    declared = request.headers.get("content-type", "")
+    kind = declared.split(";", 1)[0].strip().lower()
+    if not kind or kind == "application/json" or kind.endswith("+json"):
+        return None
+    return JSONResponse(
+        error_body(
+            f"unsupported Content-Type {declared!r}: send 'Content-Type: application/json'",
+            "invalid_request_error",
+            code=415,
+        ),
+        status_code=415,
+    )
+
+
+@serve.deployment(name=LLM_SERVER_DEPLOYMENT, health_check_period_s=10)
 class LLMServer:
     """One engine replica: tokenises, schedules and streams raw outputs as dicts."""
 
@@ -90,6 +135,8 @@ class LLMServer:
                 self.metrics_port = int(server.server_port)
             except OSError as error:
                 logger.warning("metrics port %s unavailable: %s", self.config.metrics_port, error)
+        if self.metrics_port is not None:
+            metrics_targets.register(f"{ray.util.get_node_ip_address()}:{self.metrics_port}")
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply runtime knobs; a changed plan is built aside and swapped in between steps."""
@@ -162,6 +209,16 @@ class LLMServer:
             max_tokens = request.get("max_completion_tokens") or request.get("max_tokens")
             if kind == "completion" and "max_tokens" not in request:
                 max_tokens = 16  # the OpenAI completions default
+            context = self.engine.engine.limits.max_model_len
+            if max_tokens is not None and max_tokens >= context:
+                # Never reachable, whatever the prompt (which takes a token at least); smaller
+                # values that do not fit beside this prompt stop at the context instead.
+                yield _error(
+                    400,
+                    f"max_tokens {max_tokens} can never be generated: max_model_len is "
+                    f"{context} tokens, prompt included; ask for at most {context - 1}",
+                )
+                return
             stops = request.get("stop") or ()
             params = SamplingParams(
                 max_tokens=max_tokens,
@@ -224,6 +281,38 @@ def _invalid(error: ValidationError) -> JSONResponse:
     return JSONResponse(error_body(problems, "invalid_request_error"), status_code=400)
 
 
+def _engine_lost(error: Exception) -> dict[str, Any]:
+    return error_body(
+        f"the engine replica failed during the request ({type(error).__name__}); retry it",
+        "server_error",
+        code=503,
+    )
+
+
+async def _first_output(
+    stream: "DeploymentResponseGenerator[dict[str, Any]]",
+) -> dict[str, Any] | JSONResponse:
+    """The engine's first item, or the 503 to answer with when there is none."""
+    try:
+        first: dict[str, Any] = await asyncio.wait_for(anext(stream), FIRST_OUTPUT_TIMEOUT_S)
+    except TimeoutError:
+        # Serve queues a call while no engine replica is up (one crashed and its replacement
+        # is still loading): a bounded wait, then an answer, never a hang.
+        stream.cancel()
+        message = (
+            f"no engine replica answered within {FIRST_OUTPUT_TIMEOUT_S:.0f} s (replicas are "
+            "starting or overloaded); retry later"
+        )
+        return JSONResponse(error_body(message, "server_error", code=503), status_code=503)
+    except Exception as error:  # the engine replica is gone or failing: say so, no 500
+        logger.exception("engine call failed")
+        return JSONResponse(
+            error_body(f"the engine is unavailable: {error}", "server_error", code=503),
+            status_code=503,
+        )
+    return first
+
+
 def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
@@ -274,6 +363,16 @@ class OpenAIIngress:
             status_code=404,
         )
 
+    @api.get("/-/metrics/targets")
+    async def list_metrics_targets(self) -> Response:
+        """The live LLMServer replicas' metrics addresses, as Prometheus HTTP service discovery
+        (http_sd_configs) reads them; addresses only, so no API key is asked for."""
+        app_name = serve.get_replica_context().app_name
+        groups = await asyncio.to_thread(
+            metrics_targets.service_discovery, app_name, self.config.metrics_target_labels
+        )
+        return JSONResponse(groups)
+
     @api.get("/v1/models")
     async def models(self, request: Request) -> Response:
         if denied := self._unauthorised(request):
@@ -310,8 +409,17 @@ class OpenAIIngress:
         # a caller without the key learns nothing about the request schema.
         if denied := self._unauthorised(request):
             return denied
+        if denied := _not_json(request):
+            return denied
         try:
-            body = schema.model_validate_json(await request.body())
+            raw = await _read_body(request, max_request_bytes(self.config.batching.max_model_len))
+        except RequestTooLargeError as error:
+            return JSONResponse(
+                error_body(f"{error}: shorten the prompt", "invalid_request_error", code=413),
+                status_code=413,
+            )
+        try:
+            body = schema.model_validate_json(raw)
         except ValidationError as error:
             return _invalid(error)
         if denied := self._unknown_model(body.model):
@@ -324,14 +432,9 @@ class OpenAIIngress:
         stream: DeploymentResponseGenerator[dict[str, Any]] = self.llm.options(  # type: ignore[assignment]
             stream=True
         ).generate.remote(kind, payload)
-        try:
-            first = await anext(stream)
-        except Exception as error:  # the engine replica is gone or failing: say so, no 500
-            logger.exception("engine call failed")
-            return JSONResponse(
-                error_body(f"the engine is unavailable: {error}", "server_error", code=503),
-                status_code=503,
-            )
+        first = await _first_output(stream)
+        if isinstance(first, JSONResponse):
+            return first
         if first["type"] == "error":
             return JSONResponse(
                 error_body(first["message"], "invalid_request_error", code=first["status"]),
@@ -345,14 +448,18 @@ class OpenAIIngress:
                 media_type="text/event-stream",
             )
         text, finish, usage = [], None, (first["prompt_tokens"], 0)
-        async for item in stream:
-            if item["error"]:
-                return JSONResponse(
-                    error_body(item["error"], "server_error", code=503), status_code=503
-                )
-            text.append(item["text"])
-            finish = item["finish_reason"]
-            usage = (item["prompt_tokens"], item["completion_tokens"])
+        try:
+            async for item in stream:
+                if item["error"]:
+                    return JSONResponse(
+                        error_body(item["error"], "server_error", code=503), status_code=503
+                    )
+                text.append(item["text"])
+                finish = item["finish_reason"]
+                usage = (item["prompt_tokens"], item["completion_tokens"])
+        except Exception as error:  # the replica died mid-request: an answer, never a 500
+            logger.exception("engine stream failed")
+            return JSONResponse(_engine_lost(error), status_code=503)
         content = "".join(text)
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
         if kind == "chat":
@@ -398,18 +505,22 @@ class OpenAIIngress:
                 }
             )
         usage = None
-        async for item in stream:
-            if item["error"]:
-                yield _sse(error_body(item["error"], "server_error", code=503))
-                break
-            choice: dict[str, Any] = {"index": 0, "finish_reason": item["finish_reason"]}
-            if kind == "chat":
-                choice["delta"] = {"content": item["text"]} if item["text"] else {}
-            else:
-                choice["text"] = item["text"]
-                choice["logprobs"] = None
-            yield _sse({**base, "choices": [choice]})
-            usage = item
+        try:
+            async for item in stream:
+                if item["error"]:
+                    yield _sse(error_body(item["error"], "server_error", code=503))
+                    break
+                choice: dict[str, Any] = {"index": 0, "finish_reason": item["finish_reason"]}
+                if kind == "chat":
+                    choice["delta"] = {"content": item["text"]} if item["text"] else {}
+                else:
+                    choice["text"] = item["text"]
+                    choice["logprobs"] = None
+                yield _sse({**base, "choices": [choice]})
+                usage = item
+        except Exception as error:  # the replica died mid-stream: end with an error event
+            logger.exception("engine stream failed")
+            yield _sse(_engine_lost(error))
         if include_usage and usage is not None:
             prompt, completion = usage["prompt_tokens"], usage["completion_tokens"]
             yield _sse(
@@ -440,22 +551,23 @@ def _check_engine(config: ServingConfig) -> None:
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """Validate `args` (a `ServingConfig`) and return the Serve application."""
+    """Validate `args` (a `ServingConfig`) and return the Serve application.
+
+    `num_replicas`, `batching` and `placement` in `args` set `LLMServer`'s options here. The
+    operator renders them instead as a deployment-level override (`llm_server_overrides` in
+    `llama4_serving.config`) and keeps them at fixed values in `args`: Serve applies an
+    override's replica count in place and its `user_config` through `reconfigure`, whereas new
+    `args` make a new code version and replace every replica."""
     config = ServingConfig.model_validate(args)
     _check_engine(config)
     knobs = RuntimeKnobs(batching=config.batching, placement=config.placement)
     replica_cpus = float(config.engine_args.get("replica_num_cpus", 1))
-    # The runtime knobs travel in `user_config`. A live change (a new plan, new limits) must
-    # come as a deployment-level `user_config` override with `args` unchanged: Ray Serve
-    # reconfigures the replicas then, whereas new `args` make a new code version and replace them.
-    server_args = config.model_copy(
-        update={"placement": None, "batching": BatchingLimits()}
-    ).model_dump(mode="json")
+    # The replicas get the knobs through `reconfigure` only, so both paths start them alike.
+    server_args = application_args(config)
     server = LLMServer.options(  # type: ignore[attr-defined]
         num_replicas=config.num_replicas,
         user_config=knobs.model_dump(mode="json"),
-        # Requests beyond the batch wait in the engine's queue, not in Serve's.
-        max_ongoing_requests=2 * config.batching.max_num_seqs,
+        max_ongoing_requests=max_ongoing_requests(config.batching),
         ray_actor_options={"num_cpus": replica_cpus},
     ).bind(server_args)
     app: Application = OpenAIIngress.options(  # type: ignore[attr-defined]

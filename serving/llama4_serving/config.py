@@ -6,12 +6,16 @@ Fields may be added (with defaults); renaming or removing one breaks deployed re
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Quantization = Literal["bf16", "fp8", "int4"]
 EngineName = Literal["reference", "vllm"]
+
+
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
 
 class _Strict(BaseModel):
@@ -135,6 +139,22 @@ class ServingConfig(_Strict):
         description="Port on which each engine replica serves Prometheus metrics (/metrics); "
         "0 picks a free port, none turns the server off.",
     )
+    metrics_target_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Labels the ingress attaches to its replica list (GET /-/metrics/targets, "
+        "Prometheus HTTP service discovery), e.g. {namespace: ...} so PromQL can select them.",
+    )
+
+    @field_validator("metrics_target_labels")
+    @classmethod
+    def _label_names(cls, labels: dict[str, str]) -> dict[str, str]:
+        bad = sorted(k for k in labels if not _LABEL_NAME.fullmatch(k) or k.startswith("__"))
+        if bad:
+            raise ValueError(
+                f"metrics_target_labels: {bad} are not Prometheus label names "
+                "([a-zA-Z_][a-zA-Z0-9_]*, not starting with __): rename them"
+            )
+        return labels
 
     @model_validator(mode="after")
     def _placement_fits_architecture(self) -> ServingConfig:
@@ -161,3 +181,43 @@ class ServingConfig(_Strict):
                     "expert needs at least one slot"
                 )
         return self
+
+
+LLM_SERVER_DEPLOYMENT = "LLMServer"  # the engine deployment that runtime overrides address
+
+
+class RuntimeKnobs(_Strict):
+    """The `user_config` of `LLMServer`: what can change without restarting a replica."""
+
+    batching: BatchingLimits | None = None
+    placement: ExpertPlacement | None = None
+
+
+def max_ongoing_requests(batching: BatchingLimits) -> int:
+    """Requests Serve hands one `LLMServer` replica: beyond the batch they wait in the engine's
+    queue, not in Serve's."""
+    return 2 * batching.max_num_seqs
+
+
+def application_args(config: ServingConfig) -> dict[str, Any]:
+    """The Serve application's `args`: the config without what `llm_server_overrides` carries
+    (those fields at fixed defaults). Ray Serve hashes `args` into the application's code
+    version, and a new version replaces every replica; with this split, a new replica count,
+    expert plan or batching limit leaves `args` byte-identical and is applied in place."""
+    fixed = config.model_copy(
+        update={"num_replicas": 1, "placement": None, "batching": BatchingLimits()}
+    )
+    return fixed.model_dump(mode="json")
+
+
+def llm_server_overrides(config: ServingConfig) -> dict[str, Any]:
+    """The deployment-level options of `LLMServer` in a Serve config (`applications[].deployments`):
+    the options Serve changes without replacing replicas (`num_replicas`; `max_ongoing_requests`
+    and `user_config`, which `reconfigure` applies between engine steps)."""
+    knobs = RuntimeKnobs(batching=config.batching, placement=config.placement)
+    return {
+        "name": LLM_SERVER_DEPLOYMENT,
+        "num_replicas": config.num_replicas,
+        "max_ongoing_requests": max_ongoing_requests(config.batching),
+        "user_config": knobs.model_dump(mode="json"),
+    }

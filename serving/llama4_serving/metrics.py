@@ -62,6 +62,14 @@ class EngineMetrics:
         self.waiting = Gauge(
             "llama4_requests_waiting", "Requests queued for prefill.", labels, registry=r
         )
+        self.waiting_prompt_tokens = Gauge(
+            "llama4_prompt_tokens_waiting",
+            "Prompt tokens not yet prefilled (queued requests plus the rest of those prefilling).",
+            labels,
+            registry=r,
+        )
+        # Exported as 0 from the start: an idle replica's backlog is a measurement, not a gap.
+        self.waiting_prompt_tokens.labels(model_name).set(0)
         self.kv_cache_usage = Gauge(
             "llama4_kv_cache_usage_ratio",
             "Cached tokens over KV-cache capacity (max_num_seqs x max_model_len).",
@@ -81,11 +89,13 @@ class EngineMetrics:
         waiting: int,
         kv_usage: float,
         routed: Sequence[tuple[int, Sequence[int]]],
+        waiting_prompt_tokens: int = 0,
     ) -> None:
         """Record one engine step; `routed` pairs a layer index with tokens per expert."""
         name = self.model_name
         self.running.labels(name).set(running)
         self.waiting.labels(name).set(waiting)
+        self.waiting_prompt_tokens.labels(name).set(waiting_prompt_tokens)
         self.kv_cache_usage.labels(name).set(kv_usage)
         for layer, counts in routed:
             for expert, count in enumerate(counts):

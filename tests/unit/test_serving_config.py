@@ -43,6 +43,15 @@ def test_placement_rejects_unknown_expert_ids() -> None:
         ServingConfig.model_validate(_args(placement=_plan([[0, 1, 2, 3], [0, 1, 2, 9]])))
 
 
+def test_metrics_target_labels_must_be_prometheus_label_names() -> None:
+    config = ServingConfig.model_validate(_args(metrics_target_labels={"namespace": "llm"}))
+    assert config.metrics_target_labels == {"namespace": "llm"}
+    with pytest.raises(ValidationError, match=r"\['__meta', 'name-space'\] are not Prometheus"):
+        ServingConfig.model_validate(
+            _args(metrics_target_labels={"name-space": "x", "__meta": "y", "ok": "z"})
+        )
+
+
 def test_build_app_rejects_engines_and_quantisation_it_cannot_serve() -> None:
     with pytest.raises(ValueError, match="engine 'vllm'"):
         build_app(_args(engine="vllm"))

@@ -246,6 +246,33 @@ def test_metrics_count_tokens_and_routed_experts(
         assert routed == fed
 
 
+def test_waiting_prompt_tokens_gauge_counts_the_prefill_backlog(
+    model: Llama4ForCausalLM, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    metrics = EngineMetrics("tiny")
+    # One sequence at a time, 4 prompt tokens per step: the backlog drains chunk by chunk.
+    limits = BatchingLimits(max_num_seqs=1, max_num_batched_tokens=4, max_model_len=64)
+    engine = _engine(model, tokenizer, limits, metrics)
+    ids = tokenizer.encode("Mixture of experts models route each token")
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    for name in ("a", "b"):
+        engine.add_request(name, ids, params, lambda _: None)
+
+    def gauge() -> float:
+        return next(
+            s.value
+            for family in text_string_to_metric_families(metrics.exposition().decode())
+            for s in family.samples
+            if s.name == "llama4_prompt_tokens_waiting"
+        )
+
+    assert engine.waiting_prompt_tokens() == 2 * len(ids)
+    engine.step()  # "a" admitted, its first chunk of 4 prefilled; "b" still queued
+    assert gauge() == engine.waiting_prompt_tokens() == 2 * len(ids) - 4
+    engine.run_until_idle()
+    assert gauge() == engine.waiting_prompt_tokens() == 0
+
+
 def test_async_engine_streams_and_aborts_on_cancel(
     config: ServingConfig, model: Llama4ForCausalLM, tokenizer: PreTrainedTokenizerFast
 ) -> None:

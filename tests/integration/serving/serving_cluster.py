@@ -73,9 +73,13 @@ class ServingCluster:
         }
         if user_config is not None:
             app["deployments"] = [{"name": "LLMServer", "user_config": user_config}]
+        self.deploy_application(app)
+
+    def deploy_application(self, application: dict[str, Any]) -> None:
+        """Deploy one application of a Serve config as given (e.g. as the operator renders it)."""
         client = _get_global_client()
         assert client is not None, "serve.start() has not run"
-        client.deploy_apps(ServeDeploySchema.model_validate({"applications": [app]}))
+        client.deploy_apps(ServeDeploySchema.model_validate({"applications": [application]}))
 
 
 def wait_running(timeout_s: float = 180.0) -> None:
@@ -126,7 +130,7 @@ def serving_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servin
     serving = ServingCluster(f"http://127.0.0.1:{port}", model_dir, arch, args, labels)
     try:
         serving.deploy()
-        wait_running()
+        wait_running(600.0)  # a first start on a busy 2-core machine can take minutes
         yield serving
     finally:
         serve.shutdown()

@@ -150,6 +150,12 @@ class ReferenceEngine:
         """New batching limits, applied from the next step."""
         self.limits = limits
 
+    def waiting_prompt_tokens(self) -> int:
+        """Prompt tokens not prefilled yet: the backlog the autoscaler reads."""
+        with self._lock:
+            queued = sum(len(s.prompt_ids) for s in self._waiting)
+        return queued + sum(len(s.prompt_ids) - s.computed for s in self._running)
+
     def kv_cache_usage(self) -> float:
         capacity = self.limits.max_num_seqs * self.limits.max_model_len
         return min(1.0, sum(s.cache.length for s in self._running) / capacity)
@@ -178,7 +184,11 @@ class ReferenceEngine:
             routed = []
         if self.metrics:
             self.metrics.observe_step(
-                len(self._running), len(self._waiting), self.kv_cache_usage(), routed
+                len(self._running),
+                len(self._waiting),
+                self.kv_cache_usage(),
+                routed,
+                waiting_prompt_tokens=self.waiting_prompt_tokens(),
             )
 
     def run_until_idle(self) -> None:
