@@ -21,7 +21,8 @@ A fresh plan, per layer: replica counts by handing spare slots to the expert wit
 per copy (at most one copy per GPU while that is possible); copies placed heaviest first on the
 least loaded GPU that lacks the expert; then a local search at the busiest GPU with two moves,
 swapping two copies between GPUs or replacing a spare copy by a copy of another expert, each
-estimated in bulk and checked against the exact dispatch rule before it is taken. The search also
+estimated in bulk and checked against the exact dispatch rule before it is taken (compiled with
+numba in `placement_search`, which recomputes only the two experts a move touches). The search also
 runs from EPLB's packing (global without sources; hierarchical with sources on several nodes,
 where keeping an expert's copies on one node suits the dispatch rule) and keeps the better
 result, preferring the plan near the sources unless it costs more than
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from llama4_operator.planners import eplb
+from llama4_operator.planners import eplb, placement_search
 from llama4_operator.planners import placement_metrics as metrics
 from llama4_operator.planners.placement_metrics import FloatArray, IntArray, Topology
 
@@ -46,6 +47,9 @@ from llama4_operator.planners.placement_metrics import FloatArray, IntArray, Top
 # for a Maverick layer to plan in a few milliseconds.
 _MAX_SEARCH_STEPS = 200
 _CANDIDATES_CHECKED = 4
+# A repair starts from a placement planned on another window, where the estimate (each copy's
+# tokens move with it) is often wrong under the per-source rule: it tries more candidates.
+_REPAIR_CANDIDATES_CHECKED = 16
 # A node may take this much more than its even share of the load while copies chase locality.
 _NODE_LOAD_SLACK = 0.10
 # With sources known, the search may give back locality for balance until this share of the
@@ -84,6 +88,17 @@ class _Layer:
     @property
     def experts(self) -> int:
         return len(self.load)
+
+    def kernel_inputs(self) -> tuple[FloatArray, FloatArray, bool, IntArray, int]:
+        """The arguments every `placement_search` kernel takes about the layer: source (a
+        placeholder without one), load, whether sources are known, node of each GPU, nodes."""
+        source = (
+            np.zeros((1, 1), dtype=np.float64)
+            if self.source is None
+            else np.ascontiguousarray(self.source, dtype=np.float64)
+        )
+        load = np.ascontiguousarray(self.load, dtype=np.float64)
+        return source, load, self.source is not None, self.node_of, self.topology.nodes
 
 
 def uniform_load(layers: int, experts: int) -> FloatArray:
@@ -131,55 +146,20 @@ def _copies(slots: IntArray, experts: int) -> IntArray:
     return np.bincount(index.ravel(), minlength=experts * gpus).reshape(experts, gpus)
 
 
-@dataclass(frozen=True)
-class _Scored:
-    """A layer's placement with its dispatch under the rule: what the search compares."""
-
-    slots: IntArray  # [gpus, slots_per_gpu]
-    copies: IntArray  # [experts, gpus]
-    weights: FloatArray  # tokens each copy computes, [gpus, slots_per_gpu]
-    gpu_load: FloatArray  # [gpus]
-    cross: float  # tokens leaving their node
-    arrival: FloatArray | None = None  # [experts, gpus], with sources only
-    leaving: FloatArray | None = None  # [experts], with sources only
-
-
-def _score(
-    layer: _Layer,
-    slots: IntArray,
-    copies: IntArray | None = None,
-    base: _Scored | None = None,
-    changed: tuple[int, ...] = (),
-) -> _Scored:
-    """Apply the dispatch rule to `slots`. With `base` and the experts `changed` since it, only
-    those experts' rows are recomputed: the rule treats each expert on its own."""
-    copies = _copies(slots, layer.experts) if copies is None else copies
+def _score(layer: _Layer, slots: IntArray) -> tuple[FloatArray, float]:
+    """Apply the dispatch rule to `slots`: the tokens each GPU computes and the tokens leaving
+    their node."""
+    copies = _copies(np.asarray(slots, dtype=np.int64), layer.experts)
     if layer.source is None:
+        # Plain numpy without sources, so that a plan that needs no search (the uniform load the
+        # renderer plans from) never waits for the kernels to compile.
         weights = (layer.load / copies.sum(axis=1))[slots]
-        return _Scored(slots, copies, weights, weights.sum(axis=1), 0.0)
-    counts = copies.astype(np.float64)
-    if base is None or base.arrival is None or base.leaving is None:
-        arrival, leaving = metrics.expert_arrival(counts[None], layer.source[None], layer.topology)
-        arrival_rows, leaving_rows = arrival[0], leaving[0].sum(axis=1)
-    else:
-        rows = list(changed)
-        fresh_arrival, fresh_leaving = metrics.expert_arrival(
-            counts[rows][None], layer.source[rows][None], layer.topology
-        )
-        arrival_rows, leaving_rows = base.arrival.copy(), base.leaving.copy()
-        arrival_rows[rows] = fresh_arrival[0]
-        leaving_rows[rows] = fresh_leaving[0].sum(axis=1)
-    gpu = np.arange(slots.shape[0])[:, None]
-    weights = arrival_rows[slots, gpu] / counts[slots, gpu]
-    return _Scored(
-        slots,
-        copies,
-        weights,
-        arrival_rows.sum(axis=0),
-        float(leaving_rows.sum()),
-        arrival_rows,
-        leaving_rows,
+        return weights.sum(axis=1), 0.0
+    source, load, has_source, node_of, nodes = layer.kernel_inputs()
+    gpu_load, cross = placement_search.layer_dispatch(
+        copies, source, load, has_source, node_of, nodes
     )
+    return gpu_load, float(cross)
 
 
 def _construct(layer: _Layer, counts: IntArray) -> IntArray:
@@ -213,63 +193,16 @@ def _construct_near_sources(layer: _Layer, counts: IntArray) -> IntArray:
     `_NODE_LOAD_SLACK`; when every open node is over, to the least loaded one."""
     assert layer.node_demand is not None
     topology = layer.topology
-    demand = layer.node_demand.T.tolist()  # [experts][nodes]
-    load = layer.load.tolist()
-    slots: list[list[int]] = [[] for _ in range(topology.gpus)]
-    gpu_load = [0.0] * topology.gpus
-    node_load = [0.0] * topology.nodes
-    node_cap = sum(load) / topology.nodes * (1.0 + _NODE_LOAD_SLACK)
-    # Plain Python: a few nodes and GPUs per copy, where numpy's per-call cost would dominate.
-    for expert in np.argsort(-(layer.load / counts), kind="stable").tolist():
-        copies = int(counts[expert])
-        per_copy = load[expert] / copies
-        on_node = [0] * topology.nodes
-        for _ in range(copies):
-            node, gpu = _pick_near_source(
-                slots, gpu_load, node_load, node_cap, demand[expert], on_node, expert, topology
-            )
-            slots[gpu].append(expert)
-            gpu_load[gpu] += per_copy
-            node_load[node] += per_copy
-            on_node[node] += 1
-    return np.asarray(slots, dtype=np.int64)
-
-
-def _pick_near_source(
-    slots: list[list[int]],
-    gpu_load: list[float],
-    node_load: list[float],
-    node_cap: float,
-    demand: list[float],
-    on_node: list[int],
-    expert: int,
-    topology: Topology,
-) -> tuple[int, int]:
-    """The node and GPU for one more copy of `expert` (see `_construct_near_sources`)."""
-    per_gpu, per_node = topology.slots_per_gpu, topology.gpus_per_node
-
-    def open_gpus(node: int, allow_duplicate: bool) -> list[int]:
-        return [
-            gpu
-            for gpu in range(node * per_node, (node + 1) * per_node)
-            if len(slots[gpu]) < per_gpu and (allow_duplicate or expert not in slots[gpu])
-        ]
-
-    for allow_duplicate in (False, True):
-        # Only when every GPU with a free slot holds the expert is a duplicate placed.
-        node_open = [n for n in range(topology.nodes) if open_gpus(n, allow_duplicate)]
-        if not node_open:
-            continue
-        under_cap = [n for n in node_open if node_load[n] < node_cap]
-        candidates = under_cap or node_open
-        candidates = [n for n in candidates if on_node[n] == 0] or candidates
-        if under_cap:
-            node = max(candidates, key=lambda n: (demand[n] / (1 + on_node[n]), -n))
-        else:
-            node = min(candidates, key=lambda n: (node_load[n], n))
-        gpu = min(open_gpus(node, allow_duplicate), key=lambda q: (gpu_load[q], q))
-        return node, gpu
-    raise AssertionError("more copies than slots")  # counts always sum to the slots
+    order = np.argsort(-(layer.load / counts), kind="stable").astype(np.int64)
+    return placement_search.construct_near_sources(
+        np.ascontiguousarray(layer.load, dtype=np.float64),
+        counts.astype(np.int64),
+        np.ascontiguousarray(layer.node_demand.T, dtype=np.float64),
+        order,
+        topology.gpus_per_node,
+        topology.slots_per_gpu,
+        _NODE_LOAD_SLACK,
+    )
 
 
 def _construct_by_node_demand(layer: _Layer, counts: IntArray) -> IntArray:
@@ -286,58 +219,29 @@ def _construct_by_node_demand(layer: _Layer, counts: IntArray) -> IntArray:
     topology = layer.topology
     demand = layer.node_demand.T  # [experts, nodes]
     nodes, per_node = topology.nodes, topology.gpus_per_node
-    free = [topology.slots // nodes] * nodes
-    on_node = np.zeros((layer.experts, nodes), dtype=np.int64)
-    for expert in np.argsort(-layer.load, kind="stable").tolist():
-        node = next(n for n in np.argsort(-demand[expert], kind="stable").tolist() if free[n])
-        on_node[expert, node] += 1
-        free[node] -= 1
-    left = counts - 1
-    # Plain Python heap: one entry per (expert, node), a few hundred at most.
-    heap = [
-        (-float(demand[e, n]) / (1 + int(on_node[e, n])), e, n)
-        for e in np.flatnonzero(left > 0).tolist()
-        for n in range(nodes)
-    ]
-    heapq.heapify(heap)
-    while heap:
-        _, expert, node = heapq.heappop(heap)
-        if left[expert] == 0 or not free[node] or on_node[expert, node] >= per_node:
-            continue
-        on_node[expert, node] += 1
-        free[node] -= 1
-        left[expert] -= 1
-        value = -float(demand[expert, node]) / (1 + int(on_node[expert, node]))
-        heapq.heappush(heap, (value, expert, node))
-    for expert in np.flatnonzero(left > 0).tolist():
-        # Copies past one per GPU on every node with room: any node with a free slot.
-        for node in range(nodes):
-            take = min(int(left[expert]), free[node])
-            on_node[expert, node] += take
-            free[node] -= take
-            left[expert] -= take
+    on_node = placement_search.share_by_node_demand(
+        np.ascontiguousarray(layer.load, dtype=np.float64),
+        counts.astype(np.int64),
+        np.ascontiguousarray(demand, dtype=np.float64),
+        topology.slots // nodes,
+        per_node,
+    )
     # Tokens from nodes without a copy split evenly over all copies.
     spill = np.where(on_node == 0, demand, 0.0).sum(axis=1) / counts
     weight = np.where(on_node > 0, demand / np.maximum(on_node, 1), 0.0) + spill[:, None]
-    slots: list[list[int]] = []
-    per_gpu = topology.slots_per_gpu
-    for node in range(nodes):
-        items = [
-            (float(weight[e, node]), e)
-            for e in np.flatnonzero(on_node[:, node]).tolist()
-            for _ in range(int(on_node[e, node]))
-        ]
-        items.sort(key=lambda item: (-item[0], item[1]))
-        gpu_slots: list[list[int]] = [[] for _ in range(per_node)]
-        gpu_load = [0.0] * per_node
-        for item_weight, expert in items:
-            open_gpus = [g for g in range(per_node) if len(gpu_slots[g]) < per_gpu]
-            lacking = [g for g in open_gpus if expert not in gpu_slots[g]] or open_gpus
-            gpu = min(lacking, key=lambda g: (gpu_load[g], g))
-            gpu_slots[gpu].append(expert)
-            gpu_load[gpu] += item_weight
-        slots.extend(gpu_slots)
-    return np.asarray(slots, dtype=np.int64)
+    return placement_search.pack_nodes(
+        on_node, np.ascontiguousarray(weight), per_node, topology.slots_per_gpu
+    )
+
+
+@dataclass(frozen=True)
+class _Searched:
+    """A searched layer placement with the figures the planner compares."""
+
+    slots: IntArray  # [gpus, slots_per_gpu]
+    moves: int  # copies loaded by the search
+    peak: float  # the busiest GPU's load
+    cross: float  # tokens leaving their node
 
 
 def _search(
@@ -346,152 +250,58 @@ def _search(
     stop_peak: float,
     move_budget: int | None,
     cross_cap: float,
-) -> tuple[IntArray, int]:
+    checked: int = _CANDIDATES_CHECKED,
+) -> _Searched:
     """Local search at the busiest GPU until its load is at most `stop_peak`, no move helps, or
     the budget (copies loaded onto GPUs) is spent. A move may raise the tokens leaving their
-    node up to `cross_cap`, never beyond (nor beyond the start, if that is higher).
+    node up to `cross_cap`, never beyond (nor beyond what they were before it, if higher); the
+    best few of the candidate moves by estimate, `checked`, are tried against the exact rule.
 
     A fresh plan without sources (no budget) only tries swaps: its replica counts are already the
     greedy optimum for an even split. With sources, copies near their tokens take more than an
     even share, so replacing copies helps there too.
-    Returns the slots and the moves made."""
+    Compiled in `placement_search.local_search`."""
     budget = 10**9 if move_budget is None else move_budget
-    moves = 0
-    current = _score(layer, slots.copy())
-    tolerance = 1e-9 * max(float(current.gpu_load.sum()), 1.0)
-    for _ in range(_MAX_SEARCH_STEPS):
-        busiest = int(np.argmax(current.gpu_load))
-        if current.gpu_load[busiest] <= stop_peak + tolerance or moves >= budget:
-            break
-        applied = False
-        replacing = move_budget is not None or layer.source is not None
-        for gain_per_move, move in _candidate_moves(layer, current, busiest, replacing):
-            cost = 2 if move[0] == "swap" else 1
-            if gain_per_move <= tolerance or moves + cost > budget:
-                continue
-            trial_slots, trial_copies = current.slots.copy(), current.copies.copy()
-            changed = _apply(trial_slots, trial_copies, move)
-            trial = _score(layer, trial_slots, trial_copies, current, changed)
-            if _better(trial, current, max(current.cross, cross_cap), tolerance):
-                current = trial
-                moves += cost
-                applied = True
-                break
-        if not applied:
-            break
-    return current.slots, moves
-
-
-def _better(new: _Scored, old: _Scored, cross_allowed: float, tol: float) -> bool:
-    """A lower peak (or the same peak with less spread), and no more tokens leaving nodes than
-    allowed."""
-    if new.cross > cross_allowed + tol:
-        return False
-    new_peak, old_peak = float(new.gpu_load.max()), float(old.gpu_load.max())
-    if new_peak < old_peak - tol:
-        return True
-    return (
-        new_peak <= old_peak + tol
-        and float((new.gpu_load**2).sum()) < float((old.gpu_load**2).sum()) - tol * old_peak
+    searched = np.array(slots, dtype=np.int64, order="C")
+    if layer.source is None:
+        gpu_load, _ = _score(layer, searched)
+        peak = float(gpu_load.max())
+        if budget <= 0 or peak <= stop_peak + 1e-9 * max(float(gpu_load.sum()), 1.0):
+            return _Searched(searched, 0, peak, 0.0)
+    copies = _copies(searched, layer.experts)
+    source, load, has_source, node_of, nodes = layer.kernel_inputs()
+    moves, peak, cross = placement_search.local_search(
+        searched,
+        copies,
+        source,
+        load,
+        has_source,
+        node_of,
+        nodes,
+        float(stop_peak),
+        int(budget),
+        float(cross_cap),
+        move_budget is not None or has_source,
+        _MAX_SEARCH_STEPS,
+        checked,
     )
+    return _Searched(searched, int(moves), float(peak), float(cross))
 
 
-Move = tuple[str, int, int, int, int]  # (kind, gpu, slot, other gpu or expert, other slot)
-
-
-def _candidate_moves(
-    layer: _Layer, current: _Scored, busiest: int, replacing: bool
-) -> list[tuple[float, Move]]:
-    """Moves that unload the busiest GPU, best estimated gain per move first.
-
-    The estimate treats each copy's tokens as moving with it (exact without sources); `_search`
-    checks each one against the exact dispatch before taking it.
-    """
-    slots, copies, weights, gpu_load = (
-        current.slots,
-        current.copies,
-        current.weights,
-        current.gpu_load,
-    )
-    gpus = slots.shape[0]
-    peak = float(gpu_load[busiest])
-    mine = slots[busiest]  # [s]
-    mine_weight = weights[busiest]  # [s]
-    # Swap slot i of the busiest GPU with slot j of GPU q: `shifted` tokens leave the busiest GPU
-    # for q, so the pair's new peak is max(peak - shifted, load_q + shifted).
-    shifted = mine_weight[:, None, None] - weights[None]
-    gain = np.minimum(shifted, (peak - gpu_load)[None, :, None] - shifted)
-    invalid = (copies[slots, busiest] > 0)[None] | (copies[mine][:, :, None] > 0)
-    invalid[:, busiest, :] = True
-    swap_gain = np.where(invalid, -np.inf, gain) / 2.0
-    ranked: list[tuple[float, Move]] = []
-    flat_swap = swap_gain.ravel()
-    best = _top(flat_swap, _CANDIDATES_CHECKED)
-    for index, i, q, j in zip(best, *np.unravel_index(best, swap_gain.shape), strict=True):
-        ranked.append((float(flat_swap[index]), ("swap", busiest, int(i), int(q), int(j))))
-    # Replace slot i's copy (of an expert with spare copies) by a copy of another expert.
-    totals = copies.sum(axis=1) if replacing else np.zeros(0, dtype=np.int64)
-    spare = totals[mine] >= 2 if replacing else np.zeros(0, dtype=bool)
-    if replacing and spare.any():
-        load = layer.load
-        other_holders = (copies[mine] > 0) & (np.arange(gpus) != busiest)[None, :]
-        pushed = load[mine] / np.maximum(totals[mine] - 1, 1) - load[mine] / totals[mine]
-        holders_after = np.where(other_holders, gpu_load[None, :] + pushed[:, None], -np.inf)
-        replace_after = np.maximum(
-            peak - mine_weight[:, None] + (load / (totals + 1))[None, :],
-            holders_after.max(axis=1)[:, None],
-        )
-        replace_invalid = ~spare[:, None] | (copies[:, busiest] > 0)[None, :]
-        replace_gain = np.where(replace_invalid, -np.inf, peak - replace_after)
-        flat_replace = replace_gain.ravel()
-        best = _top(flat_replace, _CANDIDATES_CHECKED)
-        for index, i, expert in zip(best, *np.unravel_index(best, replace_gain.shape), strict=True):
-            ranked.append(
-                (float(flat_replace[index]), ("replace", busiest, int(i), int(expert), -1))
-            )
-    ranked.sort(key=lambda item: -item[0])
-    return ranked[:_CANDIDATES_CHECKED]
-
-
-def _top(values: FloatArray, count: int) -> IntArray:
-    """Indices of the `count` largest finite values."""
-    count = min(count, len(values))
-    best = np.argpartition(-values, count - 1)[:count]
-    return best[np.isfinite(values[best])]
-
-
-def _apply(slots: IntArray, copies: IntArray, move: Move) -> tuple[int, int]:
-    """Make `move` in place; return the two experts whose copies changed."""
-    kind, gpu, slot, other, other_slot = move
-    leaving = int(slots[gpu, slot])
-    if kind == "swap":
-        arriving = int(slots[other, other_slot])
-        slots[gpu, slot], slots[other, other_slot] = arriving, leaving
-        copies[leaving, gpu] -= 1
-        copies[arriving, gpu] += 1
-        copies[arriving, other] -= 1
-        copies[leaving, other] += 1
-    else:
-        arriving = other
-        slots[gpu, slot] = other
-        copies[leaving, gpu] -= 1
-        copies[other, gpu] += 1
-    return leaving, arriving
-
-
-def _relabel_onto(previous: IntArray, fresh: IntArray, experts: int, keep_gpus: bool) -> IntArray:
-    """Renumber the fresh plan's GPUs (unless `keep_gpus`) to share the most copies with the
-    previous placement, and keep shared experts in their previous slot."""
+def _relabel_onto(previous: IntArray, fresh: IntArray, experts: int, group: int) -> IntArray:
+    """Renumber the fresh plan's GPUs within each run of `group` GPUs (all GPUs, a node's, or
+    none for 1) to share the most copies with the previous placement (a min-cost assignment),
+    and keep shared experts in their previous slot."""
     before = _copies(previous, experts)
     after = _copies(fresh, experts)
     gpus = previous.shape[0]
-    if keep_gpus:
-        target_of = np.arange(gpus)
-    else:
-        overlap = np.minimum(after[:, :, None], before[:, None, :]).sum(axis=0)
-        rows, cols = linear_sum_assignment(-overlap)
-        target_of = np.empty(gpus, dtype=np.int64)
-        target_of[rows] = cols
+    target_of = np.arange(gpus)
+    if group > 1:
+        for start in range(0, gpus, group):
+            block = slice(start, start + group)
+            overlap = np.minimum(after[:, block, None], before[:, None, block]).sum(axis=0)
+            rows, cols = linear_sum_assignment(-overlap)
+            target_of[start + rows] = start + cols
     result = np.empty_like(previous)
     for new_gpu in range(gpus):
         gpu = int(target_of[new_gpu])
@@ -513,12 +323,12 @@ def _moves(previous: IntArray, current: IntArray, experts: int) -> int:
     return int(np.clip(gained, 0, None).sum())
 
 
-def _gpu_load(layer: _Layer, slots: IntArray) -> FloatArray:
-    return _score(layer, slots).gpu_load
-
-
 def _peak(layer: _Layer, slots: IntArray) -> float:
-    return float(_gpu_load(layer, slots).max())
+    return float(_score(layer, slots)[0].max())
+
+
+def _cross(layer: _Layer, slots: IntArray) -> float:
+    return _score(layer, slots)[1]
 
 
 def _repair_counts(
@@ -526,29 +336,26 @@ def _repair_counts(
 ) -> tuple[IntArray, int]:
     """Give each expert the number of copies `counts` asks for, one replaced copy per move: the
     surplus copy replaced is the one on the busiest GPU that lacks the expert in deficit."""
-    current = _score(layer, slots.copy())
-    moves = 0
-    order = np.argsort(-(layer.load / counts), kind="stable")
-    for expert in order.tolist():
-        while current.copies[expert].sum() < counts[expert] and moves < move_budget:
-            surplus = current.copies.sum(axis=1) > counts
-            candidates = surplus[current.slots] & (current.copies[expert] == 0)[:, None]
-            if not candidates.any():
-                break
-            gpu, slot = np.unravel_index(
-                np.argmax(np.where(candidates, current.gpu_load[:, None], -np.inf)),
-                current.slots.shape,
-            )
-            trial_slots, trial_copies = current.slots.copy(), current.copies.copy()
-            changed = _apply(
-                trial_slots, trial_copies, ("replace", int(gpu), int(slot), expert, -1)
-            )
-            current = _score(layer, trial_slots, trial_copies, current, changed)
-            moves += 1
-    return current.slots, moves
+    repaired = np.array(slots, dtype=np.int64, order="C")
+    copies = _copies(repaired, layer.experts)
+    order = np.argsort(-(layer.load / counts), kind="stable").astype(np.int64)
+    source, load, has_source, node_of, nodes = layer.kernel_inputs()
+    moves = placement_search.repair_counts(
+        repaired,
+        copies,
+        source,
+        load,
+        has_source,
+        node_of,
+        nodes,
+        counts.astype(np.int64),
+        order,
+        int(move_budget),
+    )
+    return repaired, int(moves)
 
 
-def _fresh(layer: _Layer, counts: IntArray) -> IntArray:
+def _fresh(layer: _Layer, counts: IntArray) -> _Searched:
     """A plan that ignores the previous placement.
 
     Without sources (or on one node), the greedy start is searched, and EPLB's global packing too
@@ -563,42 +370,41 @@ def _fresh(layer: _Layer, counts: IntArray) -> IntArray:
     topology = layer.topology
     mean = float(layer.load.sum()) / topology.gpus
     if layer.source is None or topology.nodes == 1 or layer.experts % topology.nodes:
-        greedy, _ = _search(layer, _construct(layer, counts), mean / _GOOD_ENOUGH, None, 0.0)
-        if mean / float(_gpu_load(layer, greedy).max()) >= _GOOD_ENOUGH:
+        greedy = _search(layer, _construct(layer, counts), mean / _GOOD_ENOUGH, None, 0.0)
+        if mean / greedy.peak >= _GOOD_ENOUGH:
             return greedy
         # EPLB's packing of copies sometimes lands in a better spot than the greedy start;
         # search from it too and keep the better of the two.
         packed_start = eplb.global_policy(layer.load[None], topology)[0].reshape(
             topology.gpus, topology.slots_per_gpu
         )
-        packed, _ = _search(layer, packed_start, mean / _GOOD_ENOUGH, None, 0.0)
+        packed = _search(layer, packed_start, mean / _GOOD_ENOUGH, None, 0.0)
         # EPLB may stack two copies of an expert on one GPU, which gives that GPU two shares of
         # the expert's tokens: a finer split that sometimes packs better, so it is allowed.
-        if float(_gpu_load(layer, packed).max()) < float(_gpu_load(layer, greedy).max()):
-            return packed
-        return greedy
-    grouped_start = eplb.hierarchical_policy(layer.load[None], topology)[0].reshape(
-        topology.gpus, topology.slots_per_gpu
+        return packed if packed.peak < greedy.peak else greedy
+    # EPLB's hierarchical layout (`eplb.hierarchical_policy`), compiled.
+    grouped_start = placement_search.hierarchical_start(
+        np.ascontiguousarray(layer.load, dtype=np.float64),
+        topology.nodes,
+        topology.gpus_per_node,
+        topology.slots_per_gpu,
     )
-    grouped_cross = _score(layer, grouped_start).cross
-    grouped, _ = _search(layer, grouped_start, mean / _GOOD_ENOUGH, None, grouped_cross)
-    local, _ = _search(
+    grouped_cross = _cross(layer, grouped_start)
+    grouped = _search(layer, grouped_start, mean / _GOOD_ENOUGH, None, grouped_cross)
+    local = _search(
         layer, _construct(layer, counts), mean / _GOOD_ENOUGH, None, _LOCALITY_CAP * grouped_cross
     )
-    local_peak = _peak(layer, local)
-    grouped_peak = _peak(layer, grouped)
-    best_balance = mean / min(local_peak, grouped_peak)
-    chosen = local if mean / local_peak >= mean / grouped_peak - _LOCALITY_BALANCE_COST else grouped
+    best_balance = mean / min(local.peak, grouped.peak)
+    chosen = local if mean / local.peak >= mean / grouped.peak - _LOCALITY_BALANCE_COST else grouped
     shared_start = _construct_by_node_demand(layer, counts)
-    cross_cap = max(_score(layer, shared_start).cross, _LOCALITY_CAP * grouped_cross)
-    shared, _ = _search(layer, shared_start, mean / _GOOD_ENOUGH, None, cross_cap)
-    shared_scored = _score(layer, shared)
+    cross_cap = max(_cross(layer, shared_start), _LOCALITY_CAP * grouped_cross)
+    shared = _search(layer, shared_start, mean / _GOOD_ENOUGH, None, cross_cap)
     # Locality bought with balance that drift takes back is no bargain: the plan with copies
     # shared out by demand must also keep the busiest GPU no busier across drifted windows.
     if (
-        mean / float(shared_scored.gpu_load.max()) >= best_balance - _LOCALITY_BALANCE_COST
-        and shared_scored.cross < _score(layer, chosen).cross
-        and _drifted_peak(layer, shared) <= _drifted_peak(layer, chosen)
+        mean / shared.peak >= best_balance - _LOCALITY_BALANCE_COST
+        and shared.cross < chosen.cross
+        and _drifted_peak(layer, shared.slots) <= _drifted_peak(layer, chosen.slots)
     ):
         return shared
     return chosen
@@ -610,19 +416,19 @@ def _drifted_peak(layer: _Layer, slots: IntArray) -> float:
     (log-normal, `_DRIFT_SIGMA`). Seeded, so plans are deterministic and compared on the same
     windows."""
     assert layer.source is not None
-    topology = layer.topology
     rng = np.random.default_rng(0)
     factor = np.exp(
-        _DRIFT_SIGMA * rng.standard_normal((_DRIFT_WINDOWS, layer.experts, topology.nodes))
+        _DRIFT_SIGMA * rng.standard_normal((_DRIFT_WINDOWS, layer.experts, layer.topology.nodes))
     )
-    source = layer.source[None] * factor[:, :, layer.node_of]
-    copies = np.broadcast_to(_copies(slots, layer.experts).astype(np.float64), source.shape)
-    arrival, _ = metrics.expert_arrival(copies, source, topology)
-    gpu_load = arrival.sum(axis=1)
+    share = placement_search.drifted_peak(
+        _copies(np.asarray(slots, dtype=np.int64), layer.experts),
+        np.ascontiguousarray(layer.source, dtype=np.float64),
+        factor,
+        layer.node_of,
+        layer.topology.nodes,
+    )
     # Each drifted window carries the planning window's tokens, so only their split changes.
-    tokens = gpu_load.sum(axis=1, keepdims=True)
-    gpu_load = np.divide(gpu_load, tokens, out=np.zeros_like(gpu_load), where=tokens > 0)
-    return float(gpu_load.max(axis=1).mean()) * float(layer.load.sum())
+    return float(share) * float(layer.load.sum())
 
 
 def _ideal_peak(layer: _Layer, counts: IntArray) -> float:
@@ -653,26 +459,38 @@ def _plan_layer(layer: _Layer, previous: IntArray | None, move_budget: int, tol:
     topology = layer.topology
     counts = replica_counts(layer.load, topology.slots, topology.gpus)
     if previous is None:
-        return _fresh(layer, counts)
+        return _fresh(layer, counts).slots
     mean = float(layer.load.sum()) / topology.gpus
     repaired, moves = _repair_counts(layer, previous, counts, move_budget)
     if layer.source is None or topology.nodes == 1:
         ideal = max(_ideal_peak(layer, counts), mean / _GOOD_ENOUGH)
         target = _peak_at(mean, mean / ideal - tol)
-        repaired, searched = _search(layer, repaired, target, move_budget - moves, 0.0)
-        moves += searched
-        if _peak(layer, repaired) <= target * (1 + 1e-9):
-            return repaired
+        searched = _search(
+            layer, repaired, target, move_budget - moves, 0.0, _REPAIR_CANDIDATES_CHECKED
+        )
+        if searched.peak <= target * (1 + 1e-9):
+            return searched.slots
+        repaired, moves = searched.slots, moves + searched.moves
     fresh = _fresh(layer, counts)
-    target = _peak_at(mean, mean / _peak(layer, fresh) - tol)
+    target = _peak_at(mean, mean / fresh.peak - tol)
     # With sources, the repair may send as many tokens off their node as the fresh plan does.
-    repaired, _ = _search(layer, repaired, target, move_budget - moves, _score(layer, fresh).cross)
-    if _peak(layer, repaired) <= target * (1 + 1e-9):
-        return repaired
-    relabelled = _relabel_onto(previous, fresh, layer.experts, keep_gpus=layer.source is not None)
+    searched = _search(
+        layer, repaired, target, move_budget - moves, fresh.cross, _REPAIR_CANDIDATES_CHECKED
+    )
+    if searched.peak <= target * (1 + 1e-9):
+        return searched.slots
+    if layer.source is None:
+        relabelled = _relabel_onto(previous, fresh.slots, layer.experts, topology.gpus)
+    else:
+        # With sources, GPUs may only be renumbered within a node: that keeps each node's copies,
+        # so the tokens leaving nodes, but changes which GPU's own tokens stay on it; the
+        # renumbering is kept only while the busiest GPU stays within the aim.
+        relabelled = _relabel_onto(previous, fresh.slots, layer.experts, topology.gpus_per_node)
+        if _peak(layer, relabelled) > target * (1 + 1e-9):
+            relabelled = _relabel_onto(previous, fresh.slots, layer.experts, 1)
     if _moves(previous, relabelled, layer.experts) <= move_budget:
         return relabelled
-    return repaired
+    return searched.slots
 
 
 def plan_experts(
@@ -711,7 +529,11 @@ def plan_experts(
     rows = []
     per_gpu = topology.slots_per_gpu
     for index in range(layers):
-        source = None if source_load is None else np.asarray(source_load[index], dtype=float).T
+        source = (
+            None
+            if source_load is None
+            else np.ascontiguousarray(np.asarray(source_load[index], dtype=np.float64).T)
+        )
         if source is not None and float(source.sum()) == 0.0:
             # No token seen by source: nothing to keep near, plan from the load alone.
             source = None
