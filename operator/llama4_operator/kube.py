@@ -78,6 +78,8 @@ class KubeApi(Protocol):
 
     async def patch_status(self, namespace: str, name: str, status: Object) -> None: ...
 
+    async def scale(self, namespace: str, name: str, replicas: int) -> None: ...
+
     def post_event(
         self, body: Mapping[str, Any], type_: str, reason: str, message: str
     ) -> None: ...
@@ -474,6 +476,17 @@ class Kube:
             )
 
         await _call(f"patch status of {namespace}/{name}", run)
+
+    async def scale(self, namespace: str, name: str, replicas: int) -> None:
+        """Set spec.replicas through the /scale subresource (what `kubectl scale` does)."""
+
+        def run() -> None:
+            api = client.CustomObjectsApi(self._api_client)
+            api.patch_namespaced_custom_object_scale(
+                GROUP, VERSION, namespace, PLURAL, name, {"spec": {"replicas": replicas}}
+            )
+
+        await _call(f"scale {namespace}/{name} to {replicas} replicas", run)
 
     def post_event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         # Kopf queues the event and posts it from its own task, with its own retries.

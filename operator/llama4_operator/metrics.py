@@ -40,7 +40,15 @@ DEPLOYMENTS = Gauge(
 )
 EXPERT_BALANCE = Gauge(
     "llama4_operator_expert_balance_ratio",
-    "Balance of the current expert plan: mean GPU expert load over the busiest GPU's (1 best).",
+    "Balance of the current expert plan: mean GPU expert load over the busiest GPU's (1 best); "
+    "on the last measured window of routed tokens once the rebalance loop measured one, else "
+    "under uniform load.",
+    ["namespace", "name"],
+    registry=REGISTRY,
+)
+EXPERT_REBALANCES = Counter(
+    "llama4_operator_expert_rebalances_total",
+    "Expert rebalances the operator made on measured load.",
     ["namespace", "name"],
     registry=REGISTRY,
 )
@@ -56,7 +64,34 @@ GPUS = Gauge(
     ["namespace", "name"],
     registry=REGISTRY,
 )
-_PER_DEPLOYMENT = (EXPERT_BALANCE, READY_REPLICAS, GPUS)
+AUTOSCALER_DESIRED_REPLICAS = Gauge(
+    "llama4_autoscaler_desired_replicas",
+    "Replicas the autoscaler last asked for (spec.replicas once applied).",
+    ["namespace", "name"],
+    registry=REGISTRY,
+)
+AUTOSCALER_MAX_REPLICAS = Gauge(
+    "llama4_autoscaler_max_replicas",
+    "The autoscaler's upper bound (spec.autoscaling.maxReplicas).",
+    ["namespace", "name"],
+    registry=REGISTRY,
+)
+AUTOSCALER_DECISIONS = Counter(
+    "llama4_autoscaler_decisions",
+    "Autoscaling decisions, one per autoscaler tick, by reason (scale_up_burst, hold_stable, ...).",
+    ["namespace", "name", "reason"],
+    registry=REGISTRY,
+)
+_PER_DEPLOYMENT = (
+    EXPERT_BALANCE,
+    EXPERT_REBALANCES,
+    READY_REPLICAS,
+    GPUS,
+    AUTOSCALER_DESIRED_REPLICAS,
+    AUTOSCALER_MAX_REPLICAS,
+)
+# (namespace, name) -> reasons counted, so that `forget` can remove each labelled series.
+_decision_reasons: dict[tuple[str, str], set[str]] = {}
 
 for _kind in ("temporary", "permanent", "unexpected"):
     RECONCILE_ERRORS.labels(kind=_kind)  # exported as 0 from the start, so rates work
@@ -84,6 +119,27 @@ def forget(namespace: str, name: str) -> None:
     for gauge in _PER_DEPLOYMENT:
         with contextlib.suppress(KeyError):
             gauge.remove(namespace, name)
+    forget_autoscaler(namespace, name)
+
+
+def record_autoscaling(
+    namespace: str, name: str, *, desired_replicas: int, max_replicas: int, reason: str
+) -> None:
+    """One autoscaling decision: the replicas asked for, the bound, and why."""
+    AUTOSCALER_DESIRED_REPLICAS.labels(namespace, name).set(desired_replicas)
+    AUTOSCALER_MAX_REPLICAS.labels(namespace, name).set(max_replicas)
+    AUTOSCALER_DECISIONS.labels(namespace, name, reason).inc()
+    _decision_reasons.setdefault((namespace, name), set()).add(reason)
+
+
+def forget_autoscaler(namespace: str, name: str) -> None:
+    """Drop a deployment's autoscaler series (deleted, or autoscaling turned off)."""
+    for gauge in (AUTOSCALER_DESIRED_REPLICAS, AUTOSCALER_MAX_REPLICAS):
+        with contextlib.suppress(KeyError):
+            gauge.remove(namespace, name)
+    for reason in _decision_reasons.pop((namespace, name), set()):
+        with contextlib.suppress(KeyError):
+            AUTOSCALER_DECISIONS.remove(namespace, name, reason)
 
 
 def _refresh_deployments() -> None:

@@ -25,7 +25,8 @@ class PrometheusApi:
     """The query and rules endpoints of Prometheus' HTTP API."""
 
     def __init__(self, port: int) -> None:
-        self.http = httpx.Client(base_url=f"http://127.0.0.1:{port}/api/v1", timeout=10)
+        self.url = f"http://127.0.0.1:{port}"
+        self.http = httpx.Client(base_url=f"{self.url}/api/v1", timeout=10)
 
     def query(self, expr: str) -> list[dict[str, Any]]:
         response = self.http.get("/query", params={"query": expr})
@@ -58,20 +59,30 @@ class PrometheusApi:
 
 @contextlib.contextmanager
 def prometheus(
-    state_dir: Path, jobs: Mapping[str, tuple[str, Mapping[str, str]]]
+    state_dir: Path,
+    jobs: Mapping[str, tuple[str, Mapping[str, str]]],
+    discovered: Mapping[str, str] | None = None,
 ) -> Iterator[PrometheusApi]:
     """Prometheus scraping each job's `host:port` (with extra target labels, as
-    prometheus-operator adds `namespace`) and evaluating the rules in monitoring/rules."""
+    prometheus-operator adds `namespace`) and evaluating the rules in monitoring/rules.
+    `discovered` maps more jobs to HTTP service-discovery URLs (http_sd_configs, re-read every
+    second), such as the serving ingress' /-/metrics/targets."""
     port = free_port()
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(RULES)],
         "scrape_configs": [
-            {
-                "job_name": job,
-                "static_configs": [{"targets": [target], "labels": dict(labels)}],
-            }
-            for job, (target, labels) in jobs.items()
+            *(
+                {
+                    "job_name": job,
+                    "static_configs": [{"targets": [target], "labels": dict(labels)}],
+                }
+                for job, (target, labels) in jobs.items()
+            ),
+            *(
+                {"job_name": job, "http_sd_configs": [{"url": url, "refresh_interval": "1s"}]}
+                for job, url in (discovered or {}).items()
+            ),
         ],
     }
     (state_dir / "prometheus.yml").write_text(yaml.safe_dump(config))

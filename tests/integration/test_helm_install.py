@@ -251,6 +251,9 @@ def _check_operator_side_monitoring(prom: PrometheusApi, name: str) -> None:
     selector = f'namespace="{WATCHED_NS}", name="{name}"'
     balance = prom.query(f"llama4_operator_expert_balance_ratio{{{job}, {selector}}}")
     assert 0 < float(balance[0]["value"][1]) <= 1
+    # Its rebalances panel: the counter is exported at 0 before the first rebalance.
+    rebalances = prom.query(f"llama4_operator_expert_rebalances_total{{{job}, {selector}}}")
+    assert float(rebalances[0]["value"][1]) == 0.0
     # The overview's GPUs and cost panels, and its ready-replicas series.
     gpus = wait_for(
         lambda: prom.query(f"llama4_operator_gpus{{{job}, {selector}}}"), 60, "the GPUs gauge"

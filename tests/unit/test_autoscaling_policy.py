@@ -14,6 +14,7 @@ from llama4_operator.planners.autoscaling import (
     TokenPolicyConfig,
     calibrate_capacity,
     decide_replicas,
+    saturated_capacities,
 )
 
 CAPACITY = 1000.0  # tokens/s per replica
@@ -78,12 +79,22 @@ def test_burst_with_backlog_scales_up_at_once_to_the_needed_count() -> None:
     decision = decide_replicas(samples + burst, _config(), now_s=now, current_replicas=4)
     assert decision.reason is ScalingReason.SCALE_UP_BURST
     # Arriving tokens over the last 30 s: 4 samples at 6000 (the first also +24000/5 of
-    # backlog growth) and two at 3000; backlog 24000 spread over 30 s + the 300 s cold start.
+    # backlog growth) and two at 3000. Until new replicas are ready (300 s) the 4 live ones
+    # fall short by `arriving - 4000`; that backlog is drained within 30 s of their start,
+    # with at most as many extra replicas as the arriving rate needs (max_drain_gain 1).
     arriving = (4 * 6000.0 + 24_000.0 / 5 + 2 * 3000.0) / 6
-    demand = arriving + 24_000.0 / 330.0
-    assert decision.demand_tokens_per_s >= demand
-    assert decision.desired_replicas >= math.ceil(demand / (0.8 * CAPACITY))
-    assert decision.desired_replicas <= math.ceil(1.25 * demand / (0.8 * CAPACITY))
+    backlog_at_ready = 24_000.0 + (arriving - 4 * CAPACITY) * 300.0
+    drain = min(backlog_at_ready / 30.0, arriving)
+    assert decision.demand_tokens_per_s >= arriving + drain
+    serve = arriving / (0.9 * CAPACITY)  # target_utilization 0.9
+    assert decision.desired_replicas >= math.ceil(serve + drain / CAPACITY)
+    # The rising trend adds at most 25% of the arriving rate.
+    assert decision.desired_replicas <= math.ceil(1.25 * serve + drain / CAPACITY)
+    # Without drain replicas, only the arriving rate (and its trend) is served.
+    lean = decide_replicas(
+        samples + burst, _config(max_drain_gain=0.0), now_s=now, current_replicas=4
+    )
+    assert math.ceil(serve) <= lean.desired_replicas <= math.ceil(1.25 * serve)
 
 
 def test_rising_load_is_met_ahead_of_the_cold_start() -> None:
@@ -94,8 +105,9 @@ def test_rising_load_is_met_ahead_of_the_cold_start() -> None:
     ]
     now = float(samples[-1].time_s)
     rate_now = 2000 + 2 * now
+    config = _config(scale_up_utilization=0.9, target_utilization=0.8, scale_down_utilization=0.8)
     assert rate_now < 0.9 * CAPACITY * 4  # not short yet
-    decision = decide_replicas(samples, _config(), now_s=now, current_replicas=4)
+    decision = decide_replicas(samples, config, now_s=now, current_replicas=4)
     assert decision.reason is ScalingReason.SCALE_UP_TREND
     assert decision.desired_replicas == 5
 
@@ -104,7 +116,12 @@ def test_lull_scales_down_only_after_the_window_and_to_its_peak() -> None:
     busy = _steady(7800.0, 10, start=0.0, end=600.0)  # needs 10 at 800 tokens/s each
     quiet = _steady(2000.0, 10, start=600.0, end=1800.0)
     samples = busy + quiet
-    config = _config(scale_down_window_s=600.0)
+    config = _config(
+        scale_down_window_s=600.0,
+        scale_up_utilization=0.9,
+        target_utilization=0.8,
+        scale_down_utilization=0.8,
+    )
     # 300 s into the lull the busy minutes are still in the window.
     decision = decide_replicas(
         [s for s in samples if s.time_s <= 900.0], config, now_s=900.0, current_replicas=10
@@ -198,12 +215,48 @@ def test_a_surge_is_sized_from_the_short_window_while_the_backlog_keeps_growing(
     # 3600 + 30000 / 5 = 9600 tokens/s arrive.
     surge = [MetricSample(1200.0 + 5 * k, 3240.0, 360.0, 30_000.0 * k, 4, 4) for k in (1, 2, 3)]
     now = 1215.0
-    decision = decide_replicas(samples + surge, _config(), now_s=now, current_replicas=4)
-    backlog_share = 90_000.0 / 330.0
+    config = _config(max_replicas=64)
+    decision = decide_replicas(samples + surge, config, now_s=now, current_replicas=4)
     assert decision.reason is ScalingReason.SCALE_UP_BURST
-    assert decision.desired_replicas >= math.ceil((9600.0 + backlog_share) / 800.0)
+    assert decision.desired_replicas >= math.ceil(9600.0 / (0.9 * CAPACITY))
     # The same backlog seen once (a spike, not growth) is judged on the 30 s window only.
     spike = [MetricSample(1200.0 + 5 * k, 3240.0, 360.0, 0.0, 4, 4) for k in (1, 2)]
     spike.append(MetricSample(1215.0, 3240.0, 360.0, 90_000.0, 4, 4))
-    calmer = decide_replicas(samples + spike, _config(), now_s=now, current_replicas=4)
+    calmer = decide_replicas(samples + spike, config, now_s=now, current_replicas=4)
     assert calmer.desired_replicas < decision.desired_replicas
+
+
+def test_a_lasting_queue_replaces_the_set_capacity_with_the_measured_one() -> None:
+    # 4 replicas serve 2800 tokens/s in all (700 each, below the set 1000) while 10 s of work
+    # stays queued for 30 s: the mix of this load makes a replica serve 700, not 1000.
+    samples = _steady(2800.0, 4) + [
+        MetricSample(1200.0 + 5 * k, 2520.0, 280.0, 28_000.0, 4, 4) for k in range(1, 7)
+    ]
+    assert [c for _, c in saturated_capacities(samples, _config())] == [pytest.approx(700.0)]
+    decision = decide_replicas(samples, _config(), now_s=1230.0, current_replicas=4)
+    assert decision.capacity_tokens_per_s == pytest.approx(700.0)
+    assert decision.reason is ScalingReason.SCALE_UP_BURST
+    assert decision.desired_replicas >= math.ceil(2800.0 / (0.9 * 700.0))
+    # A queue that lasts less than `saturation_window_s` is a burst, not a measurement.
+    short = [*_steady(2800.0, 4), MetricSample(1205.0, 2520.0, 280.0, 28_000.0, 4, 4)]
+    assert saturated_capacities(short, _config()) == []
+
+
+def test_drain_replicas_grow_with_the_cold_start_up_to_the_cap() -> None:
+    samples = _steady(3000.0, 4)
+    burst = [MetricSample(1200.0 + t, 4320.0, 480.0, 2_000.0 * t, 4, 4) for t in (5, 10, 15)]
+    decisions = {
+        cold: decide_replicas(
+            samples + burst, _config(cold_start_s=cold), now_s=1215.0, current_replicas=4
+        ).desired_replicas
+        for cold in (0.0, 60.0, 600.0)
+    }
+    # The longer new replicas take, the larger the backlog they must drain once ready.
+    assert decisions[0.0] < decisions[60.0] < decisions[600.0]
+    capped = decide_replicas(
+        samples + burst,
+        _config(cold_start_s=600.0, max_drain_gain=0.5),
+        now_s=1215.0,
+        current_replicas=4,
+    )
+    assert capped.desired_replicas < decisions[600.0]

@@ -135,10 +135,12 @@ def test_rbac_grants_what_the_operator_calls_and_no_wildcards() -> None:
     docs = render()
     workloads = _rules(docs, "rel-llama4-operator-workloads")
     cluster = _rules(docs, "rel-llama4-operator-cluster")
-    # From llama4_operator.kube: status patch, finalizers, server-side apply of every child kind
-    # (create + patch), pruning (list + delete), GPU accounting reads, the ServiceMonitor CRD.
+    # From llama4_operator.kube: status patch, finalizers, scale, server-side apply of every
+    # child kind (create + patch), pruning (list + delete), GPU accounting reads, the
+    # ServiceMonitor CRD.
     assert _grants(workloads, "llama4deployments/status", "patch")
     assert _grants(workloads, "llama4deployments/finalizers", "update")
+    assert _grants(workloads, "llama4deployments/scale", "patch")  # the autoscaler
     for child in ("rayservices", "services", "configmaps", "endpointslices", "servicemonitors"):
         for verb in ("create", "patch", "list", "delete"):
             assert _grants(workloads, child, verb), (child, verb)

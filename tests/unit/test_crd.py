@@ -91,7 +91,13 @@ def test_defaults_bounds_and_enums(spec_schema: dict[str, Any]) -> None:
     # An omitted object stands for its members' defaults, spelled out: the API server checks
     # a default against the CEL rules as written.
     assert props["engine"]["default"] == {"name": "vllm"}
-    assert props["autoscaling"]["default"] == {"enabled": False, "minReplicas": 1, "maxReplicas": 4}
+    assert props["autoscaling"]["default"] == {
+        "enabled": False,
+        "minReplicas": 1,
+        "maxReplicas": 4,
+        "scaleDownDelaySeconds": 600,
+        "coldStartSeconds": 300,
+    }
     assert props["placement"]["default"]["rebalance"]["balanceThreshold"] == 0.8
     assert props["resources"]["properties"]["gpusPerNode"]["minimum"] == 1
     assert "default" not in props["model"]["properties"]["architecture"]

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
+from ray.serve.schema import ServeDeploySchema
 
 from llama4_operator.api.models import Llama4DeploymentSpec
 from llama4_operator.planners.cluster_placement import GpuNode
@@ -20,7 +21,7 @@ from llama4_operator.renderers.children import (
 )
 from llama4_operator.renderers.deployment import Previous, desired_state
 from llama4_operator.renderers.serving import IMPORT_PATH, parse_extra_args
-from llama4_serving.config import ServingConfig
+from llama4_serving.config import ExpertPlacement, RuntimeKnobs, ServingConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 OWNER = Owner(name="maverick", namespace="llm", uid="0f6a-uid")
@@ -117,11 +118,18 @@ def test_pods_meet_restricted_pod_security(maverick_state: Any) -> None:
 def test_serve_config_carries_a_valid_serving_config(maverick_state: Any) -> None:
     (ray_service,) = by_kind(maverick_state.children)["RayService"]
     serve = yaml.safe_load(ray_service["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(serve)  # Ray Serve's own schema accepts it
     (app,) = serve["applications"]
     assert app["import_path"] == IMPORT_PATH == "llama4_serving.app:build_app"
     config = ServingConfig.model_validate(app["args"])
     assert config.engine == "vllm"
-    assert config.num_replicas == 2
+    (server,) = app["deployments"]
+    assert server["name"] == "LLMServer"
+    assert server["num_replicas"] == 2
+    knobs = RuntimeKnobs.model_validate(server["user_config"])
+    assert knobs.placement == maverick_state.experts.placement
+    assert knobs.batching == maverick_state.serving.batching
+    assert server["max_ongoing_requests"] == 2 * maverick_state.serving.batching.max_num_seqs
     assert config.engine_args["tensor_parallel_size"] == 8
     assert config.engine_args["enable_expert_parallel"] is True
     assert config.engine_args["num_redundant_experts"] == 16
@@ -308,3 +316,89 @@ def test_a_node_selector_no_gpu_node_matches_means_no_fit() -> None:
     assert not state.fit.fits
     assert state.children == []
     assert "0 of 2 GPU nodes that match resources.nodeSelector" in state.fit.message
+
+
+def _application(state: Any) -> dict[str, Any]:
+    """The Serve application a state deploys: from the RayService, or the external one."""
+    if state.external_application is not None:
+        application: dict[str, Any] = state.external_application
+        return application
+    (ray_service,) = by_kind(state.children)["RayService"]
+    (application,) = yaml.safe_load(ray_service["spec"]["serveConfigV2"])["applications"]
+    return application
+
+
+def _reversed_rows(placement: ExpertPlacement) -> ExpertPlacement:
+    """Another valid plan of the same shape (every row reversed), one version on."""
+    return placement.model_copy(
+        update={
+            "phy2log": [list(reversed(row)) for row in placement.phy2log],
+            "version": placement.version + 1,
+        }
+    )
+
+
+@pytest.mark.parametrize("external", [None, "http://10.0.0.5:8265"])
+def test_replicas_and_expert_plan_change_only_the_deployment_override(
+    external: str | None,
+) -> None:
+    # Serve hashes `args` into the code version: new args would replace every replica.
+    def render(replicas: int, previous: Previous) -> dict[str, Any]:
+        state = desired_state(
+            OWNER,
+            sample("maverick", replicas=replicas),
+            h100_nodes(3),
+            SETTINGS,
+            previous,
+            external_dashboard=external,
+        )
+        return _application(state)
+
+    one = render(1, Previous())
+    two = render(2, Previous())
+    first_plan = ExpertPlacement.model_validate(one["deployments"][0]["user_config"]["placement"])
+    rebalanced = render(2, Previous(experts=_reversed_rows(first_plan)))
+    assert json.dumps(one["args"]) == json.dumps(two["args"]) == json.dumps(rebalanced["args"])
+    assert "placement" not in one["args"] or one["args"]["placement"] is None
+    assert [a["deployments"][0]["num_replicas"] for a in (one, two, rebalanced)] == [1, 2, 2]
+    placements = [a["deployments"][0]["user_config"]["placement"] for a in (two, rebalanced)]
+    assert placements[0] != placements[1]
+    assert placements[1]["version"] == first_plan.version + 1
+
+
+def test_a_rebalanced_plan_is_kept_verbatim(maverick_state: Any) -> None:
+    # A plan the rebalance loop wrote must survive the next resync, though a fresh plan for
+    # uniform load would look different.
+    measured = _reversed_rows(maverick_state.experts.placement)
+    again = desired_state(
+        OWNER,
+        sample("maverick", replicas=2),
+        h100_nodes(3),
+        SETTINGS,
+        Previous(placement=maverick_state.placement, experts=measured),
+    )
+    assert again.experts is not None
+    assert again.experts.placement == measured
+    (config_map,) = by_kind(again.children)["ConfigMap"]
+    assert ExpertPlacement.model_validate_json(config_map["data"]["expert-placement.json"]) == (
+        measured
+    )
+
+
+def test_a_plan_that_no_longer_fits_the_layout_is_replaced(maverick_state: Any) -> None:
+    old = maverick_state.experts.placement
+    wrong_shape = old.model_copy(update={"phy2log": old.phy2log[:-1], "version": 4})
+    missing_expert = old.model_copy(
+        update={"phy2log": [[0] * len(old.phy2log[0]), *old.phy2log[1:]], "version": 4}
+    )
+    for previous in (wrong_shape, missing_expert):
+        state = desired_state(
+            OWNER,
+            sample("maverick", replicas=2),
+            h100_nodes(3),
+            SETTINGS,
+            Previous(experts=previous),
+        )
+        assert state.experts is not None
+        assert state.experts.placement.phy2log == old.phy2log  # the uniform-load plan again
+        assert state.experts.placement.version == 5

@@ -475,8 +475,30 @@ class AutoscalingSpec(ApiModel):
         default=None,
         ge=1,
         description=(
-            "Generated tokens per second each replica should carry; omitted (auto): derived "
-            "from the replica's measured capacity."
+            "Tokens per second (prompt plus generated) one replica serves within its latency "
+            "goal: its capacity. The operator adds replicas when demand passes 95% of the "
+            "replicas' total and sizes them to run at 90%; a lower rate measured while "
+            "requests stay queued replaces it. Omitted: calibrated from the "
+            "throughput replicas reach while a backlog keeps them busy, starting from a "
+            "guess of 1000."
+        ),
+    )
+    scale_down_delay_seconds: int = Field(
+        default=600,
+        ge=0,
+        le=86400,
+        description=(
+            "Seconds the load must stay low before replicas are given back, and the least "
+            "time after a scale-up before any scale-down."
+        ),
+    )
+    cold_start_seconds: int = Field(
+        default=300,
+        ge=0,
+        le=7200,
+        description=(
+            "Seconds a new replica takes to serve (weights loaded); scale-ups look this far "
+            "ahead and count the backlog that builds meanwhile."
         ),
     )
 
@@ -672,6 +694,25 @@ class PlacementStatus(ApiModel):
         default=1.0,
         description="Mean GPU expert load over the busiest GPU's (uniform load); 1.0 is perfect.",
     )
+    measured_balance: float | None = Field(
+        default=None,
+        description=(
+            "Balance of the current expert plan on the last window of measured routed tokens "
+            "(after a rebalance: what the new plan reaches on that window); unset until measured."
+        ),
+    )
+    rebalance_message: str | None = Field(
+        default=None, description="The rebalance loop's last verdict in words."
+    )
+    last_rebalance_time: datetime | None = Field(
+        default=None, description="When the experts were last rebalanced on measured load."
+    )
+    rebalances: int | None = Field(
+        default=None, ge=0, description="Rebalances on measured load so far."
+    )
+    last_experts_moved: int | None = Field(
+        default=None, ge=0, description="Expert copies the last rebalance loaded onto GPUs."
+    )
 
 
 class FitStatus(ApiModel):
@@ -690,6 +731,46 @@ class FitStatus(ApiModel):
     activations_gib_per_gpu: float = Field(default=0.0, description="Activation headroom.")
     usable_gib_per_gpu: float = Field(default=0.0, description="Memory the engine may use.")
     message: str = Field(default="", description="The verdict in words.")
+
+
+class AutoscalingStatus(ApiModel):
+    """The autoscaler's last decision (present once autoscaling has run)."""
+
+    manages_replicas: bool = Field(
+        description=(
+            "True: the autoscaler owns spec.replicas and overwrites manual changes (kubectl "
+            "scale); false: autoscaling is off and spec.replicas is left to you."
+        )
+    )
+    desired_replicas: int | None = Field(
+        default=None, ge=0, description="Replicas the policy asked for at the last decision."
+    )
+    reason: str = Field(
+        default="",
+        description=(
+            "Why: scale_up_burst, scale_up_trend, scale_down_lull, hold_stable, "
+            "hold_metrics_stale, hold_cooldown, clamp_min or clamp_max."
+        ),
+    )
+    message: str = Field(default="", description="The decision in words, with its numbers.")
+    metrics_source: str = Field(
+        default="", description="Where serving metrics were read: prometheus URL or direct."
+    )
+    tokens_per_second: float | None = Field(
+        default=None, ge=0, description="Prompt plus generated tokens/s measured, all replicas."
+    )
+    waiting_tokens: float | None = Field(
+        default=None, ge=0, description="Prompt tokens queued, not yet prefilled, all replicas."
+    )
+    capacity_tokens_per_second: float | None = Field(
+        default=None, ge=0, description="Tokens/s per replica the policy counted on."
+    )
+    last_decision_time: datetime | None = Field(
+        default=None, description="When the autoscaler last decided."
+    )
+    last_scale_time: datetime | None = Field(
+        default=None, description="When the autoscaler last changed spec.replicas."
+    )
 
 
 class Llama4DeploymentStatus(ApiModel):
@@ -715,5 +796,11 @@ class Llama4DeploymentStatus(ApiModel):
     )
     fit: FitStatus | None = Field(default=None, description="The fit check.")
     tokens_per_second: float = Field(
-        default=0.0, ge=0, description="Generated tokens per second, all replicas."
+        default=0.0,
+        ge=0,
+        description="Tokens per second (prompt plus generated), all replicas, as the autoscaler "
+        "last measured them (0 until it runs).",
+    )
+    autoscaling: AutoscalingStatus | None = Field(
+        default=None, description="The autoscaler's last decision, and whether it owns replicas."
     )

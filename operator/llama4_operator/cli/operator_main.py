@@ -74,6 +74,34 @@ from llama4_operator.handlers import config as operator_config
         "CPU Ray cluster for demos."
     ),
 )
+@click.option(
+    "--rebalance-tick",
+    type=click.FloatRange(min=1),
+    default=operator_config.DEFAULT_REBALANCE_TICK_S,
+    show_default=True,
+    envvar=operator_config.ENV_REBALANCE_TICK,
+    help=(
+        "Seconds between rebalance timer ticks; each deployment is still checked only every "
+        "spec.placement.rebalance.intervalSeconds (lower it for tests and demos)."
+    ),
+)
+@click.option(
+    "--prometheus-url",
+    metavar="URL",
+    envvar=operator_config.ENV_PROMETHEUS_URL,
+    help=(
+        "Prometheus the autoscaler queries for serving metrics (e.g. http://prometheus:9090); "
+        "omitted: it scrapes the replicas the deployment's endpoint lists (/-/metrics/targets)."
+    ),
+)
+@click.option(
+    "--autoscale-interval",
+    type=click.FloatRange(min=1),
+    default=operator_config.DEFAULT_AUTOSCALE_INTERVAL_S,
+    show_default=True,
+    envvar=operator_config.ENV_AUTOSCALE_INTERVAL,
+    help="Seconds between autoscaling decisions of each deployment with autoscaling enabled.",
+)
 @click.option("--verbose", "-v", is_flag=True, help="Log every reconciliation step (debug).")
 @click.option(
     "--peering",
@@ -101,6 +129,9 @@ def operator_command(
     peering_priority: int | None,
     verbose: bool,
     ray_accelerator_resource: str,
+    rebalance_tick: float,
+    prometheus_url: str | None,
+    autoscale_interval: float,
 ) -> None:
     """Run the Llama4Deployment operator against a cluster until interrupted."""
     if namespaces and all_namespaces:
@@ -112,6 +143,9 @@ def operator_command(
         operator_config.ENV_EXTERNAL_RAY: external_ray_dashboard or "",
         operator_config.ENV_PEERING: peering or "",
         operator_config.ENV_ACCELERATOR: ray_accelerator_resource,
+        operator_config.ENV_REBALANCE_TICK: str(rebalance_tick),
+        operator_config.ENV_PROMETHEUS_URL: prometheus_url or "",
+        operator_config.ENV_AUTOSCALE_INTERVAL: str(autoscale_interval),
     }
     if kubeconfig:
         settings[operator_config.ENV_KUBECONFIG] = os.path.abspath(kubeconfig)

@@ -16,10 +16,16 @@ ENV_METRICS_PORT = "LLAMA4_METRICS_PORT"
 ENV_KUBECONFIG = "KUBECONFIG"
 ENV_PEERING = "LLAMA4_PEERING"
 ENV_ACCELERATOR = "LLAMA4_RAY_ACCELERATOR_RESOURCE"
+ENV_REBALANCE_TICK = "LLAMA4_REBALANCE_TICK_SECONDS"
+ENV_PROMETHEUS_URL = "LLAMA4_PROMETHEUS_URL"
+ENV_AUTOSCALE_INTERVAL = "LLAMA4_AUTOSCALE_INTERVAL_SECONDS"
 
 DEFAULT_IMAGE = "llama4-serving:0.1.0"
 DEFAULT_RESYNC_S = 60.0
+# The rebalance timer's tick: spec.placement.rebalance.intervalSeconds is at least 30 s.
+DEFAULT_REBALANCE_TICK_S = 30.0
 DEFAULT_METRICS_PORT = 8080
+DEFAULT_AUTOSCALE_INTERVAL_S = 15.0
 
 
 class ConfigError(ValueError):
@@ -45,6 +51,10 @@ class OperatorConfig:
     kubeconfig: str | None = None
     peering: str | None = None
     accelerator_resource: str = "GPU"
+    rebalance_tick_s: float = DEFAULT_REBALANCE_TICK_S
+    prometheus_url: str | None = None
+    """Where the autoscaler reads serving metrics; None: straight from the replicas."""
+    autoscale_interval_s: float = DEFAULT_AUTOSCALE_INTERVAL_S
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -64,6 +74,8 @@ class OperatorConfig:
                 f"{ENV_EXTERNAL_RAY} must be an http(s) URL such as http://ray-head:8265, "
                 f"got {dashboard!r}"
             )
+        rebalance_tick = _rebalance_tick(env)
+        prometheus_url, autoscale_interval = _autoscale_settings(env)
         return cls(
             image=env.get(ENV_IMAGE) or DEFAULT_IMAGE,
             ray_version=env.get(ENV_RAY_VERSION) or _default_ray_version(),
@@ -73,4 +85,39 @@ class OperatorConfig:
             kubeconfig=env.get(ENV_KUBECONFIG) or None,
             peering=env.get(ENV_PEERING) or None,
             accelerator_resource=env.get(ENV_ACCELERATOR) or "GPU",
+            rebalance_tick_s=rebalance_tick,
+            prometheus_url=prometheus_url,
+            autoscale_interval_s=autoscale_interval,
         )
+
+
+def _rebalance_tick(env: Mapping[str, str]) -> float:
+    text = env.get(ENV_REBALANCE_TICK) or str(DEFAULT_REBALANCE_TICK_S)
+    try:
+        tick = float(text)
+    except ValueError as error:
+        raise ConfigError(
+            f"{ENV_REBALANCE_TICK} must be a number of seconds, got {text!r}"
+        ) from error
+    if tick < 1:
+        raise ConfigError(f"{ENV_REBALANCE_TICK} must be at least 1 second, got {tick}")
+    return tick
+
+
+def _autoscale_settings(env: Mapping[str, str]) -> tuple[str | None, float]:
+    prometheus = env.get(ENV_PROMETHEUS_URL) or None
+    if prometheus and not prometheus.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"{ENV_PROMETHEUS_URL} must be an http(s) URL such as http://prometheus:9090, "
+            f"or empty to read the replicas directly; got {prometheus!r}"
+        )
+    text = env.get(ENV_AUTOSCALE_INTERVAL) or str(DEFAULT_AUTOSCALE_INTERVAL_S)
+    try:
+        interval = float(text)
+    except ValueError as error:
+        raise ConfigError(
+            f"{ENV_AUTOSCALE_INTERVAL} must be a number of seconds, got {text!r}"
+        ) from error
+    if interval < 1:
+        raise ConfigError(f"{ENV_AUTOSCALE_INTERVAL} must be at least 1 second, got {interval}")
+    return prometheus, interval

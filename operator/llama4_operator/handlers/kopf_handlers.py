@@ -1,8 +1,9 @@
 """The Kopf handlers of `Llama4Deployment` (importing this module registers them).
 
 Thin by design: startup settings, one level-based reconcile for create/resume/update, a timer
-that re-applies drift (and is where autoscaling and rebalancing will run), and a delete handler
-behind the project's finalizer. A lock serialises reconciliations (see `_planning_lock`).
+that re-applies drift, timers for autoscaling (`handlers.autoscale`) and expert rebalancing
+(`handlers.rebalance`), and a delete handler behind the project's finalizer. A lock serialises
+reconciliations (see `_planning_lock`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import kopf
 
 from llama4_operator import metrics
 from llama4_operator.api.models import GROUP, PLURAL, VERSION
+from llama4_operator.handlers.autoscale import Autoscaler
 from llama4_operator.handlers.config import OperatorConfig
+from llama4_operator.handlers.rebalance import Rebalancer
 from llama4_operator.handlers.reconcile import Reconciler
 from llama4_operator.kube import Kube, kopf_connection
 from llama4_operator.ray_dashboard import RayDashboard
@@ -59,6 +62,26 @@ def _runtime() -> Reconciler:
     if _reconciler is None:
         raise kopf.TemporaryError("the operator is still starting", delay=5)
     return _reconciler
+
+
+_autoscaler: Autoscaler | None = None
+
+
+def _autoscaling() -> Autoscaler:
+    global _autoscaler  # noqa: PLW0603 - one autoscaler per operator process, made on first use
+    if _autoscaler is None:
+        _autoscaler = Autoscaler.for_config(_runtime().kube, CONFIG)
+    return _autoscaler
+
+
+_rebalancer: Rebalancer | None = None
+
+
+def _rebalancing() -> Rebalancer:
+    global _rebalancer  # noqa: PLW0603 - one rebalancer per operator process, made on first use
+    if _rebalancer is None:
+        _rebalancer = Rebalancer.for_config(_runtime(), CONFIG, _planning_lock)
+    return _rebalancer
 
 
 @kopf.on.login()
@@ -135,6 +158,37 @@ async def resync(body: kopf.Body, logger: Any, **_: Any) -> None:
         logger.debug("resync skipped: %s", error)  # already reported in status
 
 
+@kopf.timer(
+    GROUP,
+    VERSION,
+    PLURAL,
+    interval=CONFIG.autoscale_interval_s,
+    initial_delay=CONFIG.autoscale_interval_s,
+    timeout=HANDLER_TIMEOUT_S,
+)
+async def autoscale(body: kopf.Body, logger: Any, **_: Any) -> None:
+    """Set spec.replicas from live token throughput when spec.autoscaling.enabled. Not under
+    `_planning_lock`: it waits on metrics over HTTP and only scales; reconcile does the rest."""
+    await _autoscaling().tick(body, logger)
+
+
+@kopf.timer(
+    GROUP,
+    VERSION,
+    PLURAL,
+    interval=CONFIG.rebalance_tick_s,
+    initial_delay=CONFIG.rebalance_tick_s,
+    timeout=HANDLER_TIMEOUT_S,
+)
+async def rebalance(body: kopf.Body, logger: Any, **_: Any) -> None:
+    """Re-plan the experts from measured load when spec.placement.rebalance asks for it (each
+    deployment once per its intervalSeconds); takes `_planning_lock` only to re-plan."""
+    try:
+        await _rebalancing().check(body, logger)
+    except kopf.PermanentError as error:
+        logger.debug("rebalance skipped: %s", error)  # reported in status by the reconcile
+
+
 @kopf.on.delete(
     GROUP,
     VERSION,
@@ -151,4 +205,8 @@ async def delete(body: kopf.Body, logger: Any, **_: Any) -> None:
     if runtime.dashboard is not None:
         await runtime.dashboard.remove(external_app_name(owner))
     metrics.forget(owner.namespace, owner.name)
+    if _autoscaler is not None:
+        _autoscaler.forget(owner.namespace, owner.name)
+    if _rebalancer is not None:
+        _rebalancer.forget(owner.namespace, owner.name)
     logger.info("cleaned up %s/%s", owner.namespace, owner.name)

@@ -37,6 +37,7 @@ from llama4_operator.renderers.children import (
     Owner,
     RayPodSettings,
     endpoint_url,
+    expert_config_map_name,
     external_app_name,
     pod_selector,
 )
@@ -65,6 +66,34 @@ def _previous_status(body: Body) -> Llama4DeploymentStatus:
         return Llama4DeploymentStatus.model_validate(body.get("status") or {})
     except ValidationError:
         return Llama4DeploymentStatus()  # a hand-edited status is not worth failing over
+
+
+async def read_expert_placement(kube: KubeApi, owner: Owner) -> ExpertPlacement | None:
+    """The expert plan in the deployment's placement ConfigMap (None: none yet, or unreadable)."""
+    config_map = await kube.get("v1", "ConfigMap", owner.namespace, expert_config_map_name(owner))
+    text = ((config_map or {}).get("data") or {}).get(EXPERT_PLACEMENT_KEY)
+    try:
+        return ExpertPlacement.model_validate(json.loads(text)) if text else None
+    except (ValueError, ValidationError):
+        return None  # edited by hand: plan afresh
+
+
+def _measured_balance(body: Body, plan_version: int) -> float | None:
+    """The rebalance loop's measured balance in status, when it is of this plan version."""
+    placement = _previous_status(body).placement
+    if placement is None or placement.expert_plan_version != plan_version:
+        return None
+    return placement.measured_balance
+
+
+def _forget_stale_measurement(body: Body, status: dict[str, Any]) -> None:
+    """A plan replaced here (a new layout) was never measured: drop the old plan's figure."""
+    new: dict[str, Any] = status.get("placement") or {}
+    old = _previous_status(body).placement
+    if not new or old is None or old.measured_balance is None:
+        return
+    if new.get("expertPlanVersion") != old.expert_plan_version:
+        new["measuredBalance"] = None
 
 
 @dataclass
@@ -151,7 +180,11 @@ class Reconciler:
             spec=spec,
         )
         if state.experts is not None:
-            metrics.EXPERT_BALANCE.labels(owner.namespace, owner.name).set(state.experts.balance)
+            measured = _measured_balance(body, state.experts.placement.version)
+            balance = state.experts.balance if measured is None else measured
+            metrics.EXPERT_BALANCE.labels(owner.namespace, owner.name).set(balance)
+            # Exported at 0 before the first rebalance, so the dashboards' increase() has data.
+            metrics.EXPERT_REBALANCES.labels(owner.namespace, owner.name)
 
     async def _plan(self, body: Body, owner: Owner, spec: Llama4DeploymentSpec) -> DesiredState:
         nodes = await self.kube.gpu_nodes(owner.namespace, owner.name)
@@ -183,14 +216,7 @@ class Reconciler:
         )
 
     async def _previous_experts(self, owner: Owner) -> ExpertPlacement | None:
-        config_map = await self.kube.get(
-            "v1", "ConfigMap", owner.namespace, f"{owner.name}-expert-placement"
-        )
-        text = ((config_map or {}).get("data") or {}).get(EXPERT_PLACEMENT_KEY)
-        try:
-            return ExpertPlacement.model_validate(json.loads(text)) if text else None
-        except (ValueError, ValidationError):
-            return None  # edited by hand: plan afresh
+        return await read_expert_placement(self.kube, owner)
 
     async def _sync_external(self, owner: Owner, state: DesiredState) -> None:
         assert self.dashboard is not None
@@ -231,6 +257,7 @@ class Reconciler:
                 endpoint_url(owner, spec, self.config.external_ray_dashboard) if spec else ""
             ),
         )
+        _forget_stale_measurement(body, status)
         await self.kube.patch_status(owner.namespace, owner.name, status)
         metrics.record_conditions(
             owner.namespace, owner.name, {c.type: c.status for c in conditions}

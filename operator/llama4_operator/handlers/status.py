@@ -225,7 +225,7 @@ def build_status(
     health: ServeHealth | None,
     selector: str,
     endpoint: str,
-    tokens_per_second: float = 0.0,
+    tokens_per_second: float | None = None,
 ) -> dict[str, Any]:
     """The status subresource, as the JSON to merge-patch."""
     placed = state.placed_replicas if state else 0
@@ -238,9 +238,11 @@ def build_status(
         endpoint=endpoint if state is not None and state.fit.fits else "",
         placement=placement_status(state) if state else None,
         fit=fit_status(state) if state else None,
-        tokens_per_second=tokens_per_second,
+        tokens_per_second=tokens_per_second or 0.0,
     )
     patch: dict[str, Any] = status.model_dump(mode="json", exclude_none=True)
+    if tokens_per_second is None:
+        patch.pop("tokensPerSecond", None)  # the autoscaler's measurement; left as it is
     for key in ("placement", "fit"):
         patch.setdefault(key, None)  # null in a merge patch removes a stale plan
     return patch

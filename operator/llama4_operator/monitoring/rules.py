@@ -17,7 +17,7 @@ ERROR_RATIO_WINDOWS = ("5m", "30m", "1h", "6h")
 FAST_BURN = 14.4
 SLOW_BURN = 6.0
 
-# Metrics the operator does not export yet; the autoscaler and status work must emit exactly these.
+# Metrics the operator exports (llama4_operator.metrics); alerts and dashboards read these names.
 DESIRED_REPLICAS = "llama4_autoscaler_desired_replicas"  # gauge {namespace, name}
 MAX_REPLICAS = "llama4_autoscaler_max_replicas"  # gauge {namespace, name}
 AUTOSCALER_DECISIONS = "llama4_autoscaler_decisions_total"  # counter {namespace, name, reason}

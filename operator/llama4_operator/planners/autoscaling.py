@@ -9,16 +9,23 @@ How it decides, in order:
    should: hold the current count (`hold_metrics_stale`). Missing data never scales anything down.
 2. Load per replica is measured in tokens/s (prompt + generated). The per-replica target is
    `capacity x target_utilization`; capacity is set, or calibrated from the throughput replicas
-   reached while a backlog kept them saturated (`calibrate_capacity`).
+   reached while a backlog kept them saturated (`calibrate_capacity`). When more than
+   `saturation_queue_s` of work stays queued for `saturation_window_s`, every batch slot is busy
+   and the rate each ready replica serves is what it sustains for the current mix of prompt and
+   output lengths: if lower than the set capacity, it replaces it (`saturated_capacities`), now
+   for scaling up and over the scale-down window for scaling down.
 3. Up, fast: demand = tokens/s arriving (served plus the backlog's growth, so that neither
-   saturation nor a draining backlog hides it) over `burst_window_s` + waiting tokens spread over
-   `backlog_drain_s` plus the cold start (replicas added now help only once ready), and the rising
-   trend of the last `trend_window_s` projected `cold_start_s` ahead (at most `max_trend_gain`
-   of the current rate). While the backlog grows at every sample of `surge_window_s`, the mean
-   over that shorter window counts if higher, so a step is seen in seconds. When demand exceeds
-   `scale_up_utilization` of the live replicas' capacity (ready or starting), it scales up at
-   once, in one step, to the count that puts demand at `target_utilization`: the gap between the
-   two keeps a slowly rising load from adding one replica at a time.
+   saturation nor a draining backlog hides it) over `burst_window_s`, plus the rising trend of
+   the last `trend_window_s` projected `cold_start_s` ahead (at most `max_trend_gain` of the
+   current rate). While the backlog grows at every sample of `surge_window_s`, the mean over
+   that shorter window counts if higher, so a step is seen in seconds. Replicas asked for now
+   serve only after the cold start, so the backlog to clear is what waits now plus what the
+   live replicas fall short by until then; extra replicas, counted at full capacity, drain it
+   within `backlog_drain_s` of becoming ready (at most `max_drain_gain` x the arriving rate).
+   When demand exceeds `scale_up_utilization` of the live replicas' capacity (ready or
+   starting), it scales up at once, in one step, to the count that puts the arriving rate at
+   `target_utilization` plus the drain replicas: the gap between the two utilisations keeps a
+   slowly rising load from adding one replica at a time.
 4. Down, slow: only the highest one-minute arrival rate over `scale_down_window_s` (by default
    the longer of 10 minutes and twice the cold start) counts, at `scale_down_utilization`, with
    no backlog, and not within `scale_down_cooldown_s` of the last scale-up. A replica given back
@@ -73,9 +80,9 @@ class TokenPolicyConfig:
     """Tokens/s one replica sustains within its SLO (set, or a first guess when calibrating)."""
     min_replicas: int = 1
     max_replicas: int = 64
-    scale_up_utilization: float = 0.9
-    target_utilization: float = 0.8
-    scale_down_utilization: float = 0.8
+    scale_up_utilization: float = 0.95
+    target_utilization: float = 0.9
+    scale_down_utilization: float = 0.9
     cold_start_s: float = 300.0
     burst_window_s: float = 30.0
     surge_window_s: float = 10.0
@@ -87,6 +94,12 @@ class TokenPolicyConfig:
     stale_after_s: float = 60.0
     calibrate: bool = False
     backlog_saturation_tokens: float = 1.0
+    saturation_queue_s: float = 1.0
+    """Queued work, in seconds of the served rate, above which the replicas count as saturated."""
+    saturation_window_s: float = 15.0
+    """How long saturation must last before its measured throughput replaces the capacity."""
+    max_drain_gain: float = 1.0
+    """Replicas added to drain a backlog: at most this share of the arriving rate's need."""
 
     def __post_init__(self) -> None:
         if not self.capacity_tokens_per_s > 0:
@@ -109,11 +122,21 @@ class TokenPolicyConfig:
             "trend_window_s",
             "backlog_drain_s",
             "stale_after_s",
+            "saturation_queue_s",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
-        if self.cold_start_s < 0 or self.scale_down_cooldown_s < 0 or self.max_trend_gain < 0:
-            raise ValueError("cold_start_s, scale_down_cooldown_s and max_trend_gain must be >= 0")
+        for name in (
+            "cold_start_s",
+            "scale_down_window_s",
+            "scale_down_cooldown_s",
+            "max_trend_gain",
+            "saturation_window_s",
+            "max_drain_gain",
+        ):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0")
 
     @property
     def effective_scale_down_window_s(self) -> float:
@@ -146,6 +169,42 @@ def calibrate_capacity(samples: Sequence[MetricSample], saturation_tokens: float
     if len(saturated) < 3:
         return None
     return statistics.median(saturated)
+
+
+def _queue_delay_s(sample: MetricSample) -> float:
+    """Seconds of work waiting at the rate the replicas serve now."""
+    if sample.waiting_tokens <= 0:
+        return 0.0
+    if sample.tokens_per_s <= 0:
+        return math.inf
+    return sample.waiting_tokens / sample.tokens_per_s
+
+
+def saturated_capacities(
+    samples: Sequence[MetricSample], config: TokenPolicyConfig
+) -> list[tuple[float, float]]:
+    """(end time, tokens/s per ready replica) of each saturation episode in `samples`.
+
+    An episode is a run of samples with more than `saturation_queue_s` of work queued, lasting
+    at least `saturation_window_s`. While requests queue every batch slot is busy, so the rate
+    each ready replica serves is what it sustains for the current mix of prompt and output
+    lengths, which can be below the set capacity (long outputs fill the slots sooner).
+    """
+    episodes: list[tuple[float, float]] = []
+    run: list[MetricSample] = []
+    for sample in (*samples, None):
+        if (
+            sample is not None
+            and sample.ready_replicas > 0
+            and _queue_delay_s(sample) >= config.saturation_queue_s
+        ):
+            run.append(sample)
+            continue
+        if len(run) >= 2 and run[-1].time_s - run[0].time_s >= config.saturation_window_s:
+            per_replica = statistics.median(s.tokens_per_s / s.ready_replicas for s in run)
+            episodes.append((run[-1].time_s, per_replica))
+        run = []
+    return episodes
 
 
 def _arrival_rates(samples: Sequence[MetricSample]) -> list[tuple[float, float]]:
@@ -277,21 +336,38 @@ def decide_replicas(
             f"holding {hold}: no ready replica reports metrics",
         )
 
-    per_replica_trigger = capacity * config.scale_up_utilization
-    per_replica_up = capacity * config.target_utilization
+    episodes = saturated_capacities(samples, config)
+    # A saturation going on now, or seen within the scale-down window, shows what a replica
+    # serves for the current mix when that is less than the set capacity.
+    capacity_up = capacity
+    if episodes and episodes[-1][0] >= latest.time_s:
+        capacity_up = min(capacity, episodes[-1][1])
+    down_window = config.effective_scale_down_window_s
+    recent = [c for t, c in episodes if t > now_s - down_window]
+    capacity_down = min([capacity, *recent])
+
+    per_replica_trigger = capacity_up * config.scale_up_utilization
+    per_replica_up = capacity_up * config.target_utilization
     rates = _arrival_rates(samples)
     arriving = _mean(_window(rates, now_s, config.burst_window_s))
     if _backlog_keeps_growing(samples, config.surge_window_s):
         # A surge: the short window shows the new level before the long one catches up.
         arriving = max(arriving, _mean(_window(rates, now_s, config.surge_window_s)))
-    backlog_rate = latest.waiting_tokens / (config.backlog_drain_s + config.cold_start_s)
-    burst_demand = arriving + backlog_rate
     trend = _trend_per_s(_window(rates, now_s, config.trend_window_s))
     gain = min(max(trend, 0.0) * config.cold_start_s, config.max_trend_gain * arriving)
-    projected = burst_demand + gain
-    short_now = burst_demand > per_replica_trigger * current_replicas
+    # Replicas asked for now serve only after the cold start: the backlog then is what waits
+    # now plus what the live replicas fall short by until then. Extra replicas drain it within
+    # `backlog_drain_s` of becoming ready (at most `max_drain_gain` of the arriving rate).
+    shortfall = max(arriving - capacity_up * current_replicas, 0.0)
+    backlog_at_ready = latest.waiting_tokens + shortfall * config.cold_start_s
+    drain_rate = min(backlog_at_ready / config.backlog_drain_s, config.max_drain_gain * arriving)
+    projected = arriving + gain + drain_rate
+    short_now = arriving + drain_rate > per_replica_trigger * current_replicas
     short_ahead = projected > per_replica_trigger * current_replicas
-    sized = max(math.ceil(projected / per_replica_up - 1e-9), current_replicas + 1)
+    sized = max(
+        math.ceil((arriving + gain) / per_replica_up + drain_rate / capacity_up - 1e-9),
+        current_replicas + 1,
+    )
     if short_ahead:
         reason = ScalingReason.SCALE_UP_BURST if short_now else ScalingReason.SCALE_UP_TREND
         return _clamp(
@@ -299,16 +375,16 @@ def decide_replicas(
             reason,
             config,
             projected,
-            capacity,
+            capacity_up,
             f"demand {projected:.0f} tokens/s (backlog {latest.waiting_tokens:.0f} tokens) needs "
             f"{sized} replicas at {per_replica_up:.0f} tokens/s each",
         )
 
-    down_window = config.effective_scale_down_window_s
     peak = _peak_minute_rate(_window(rates, now_s, down_window))
-    per_replica_down = capacity * config.scale_down_utilization
+    per_replica_down = capacity_down * config.scale_down_utilization
     needed_down = max(
-        math.ceil(peak / per_replica_down - 1e-9), math.ceil(projected / per_replica_up - 1e-9)
+        math.ceil(peak / per_replica_down - 1e-9),
+        math.ceil((arriving + gain) / per_replica_up - 1e-9),
     )
     # Only a history that spans the whole window may justify giving a replica back.
     covered = samples[0].time_s <= now_s - down_window + config.burst_window_s
@@ -319,7 +395,7 @@ def decide_replicas(
                 ScalingReason.HOLD_COOLDOWN,
                 config,
                 peak,
-                capacity,
+                capacity_down,
                 f"holding {current_replicas}: scaled up {now_s - last_scale_up_s:.0f}s ago",
             )
         return _clamp(
@@ -327,7 +403,7 @@ def decide_replicas(
             ScalingReason.SCALE_DOWN_LULL,
             config,
             peak,
-            capacity,
+            capacity_down,
             f"peak {peak:.0f} tokens/s over {down_window:.0f}s needs {needed_down} replicas at "
             f"{per_replica_down:.0f} tokens/s each",
         )
@@ -336,6 +412,6 @@ def decide_replicas(
         ScalingReason.HOLD_STABLE,
         config,
         projected,
-        capacity,
+        capacity_up,
         f"holding {current_replicas}: demand {projected:.0f} tokens/s within target",
     )

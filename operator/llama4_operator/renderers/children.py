@@ -30,7 +30,7 @@ from llama4_operator.renderers.serving import (
     SERVE_HTTP_PORT,
     serve_config_v2,
 )
-from llama4_serving.config import ServingConfig
+from llama4_serving.config import ExpertPlacement, ServingConfig
 
 Object = dict[str, Any]
 
@@ -334,14 +334,22 @@ def render_metrics_service(owner: Owner) -> Object:
     }
 
 
+def expert_config_map_name(owner: Owner) -> str:
+    return f"{owner.name}-expert-placement"
+
+
 def render_expert_config_map(owner: Owner, config: ServingConfig) -> Object:
-    """The expert placement (phy2log per MoE layer), for people and tools to read."""
-    placement = config.placement
+    """The expert placement (phy2log per MoE layer), for people and tools to read; reconcile
+    reads it back as the plan to keep, and the rebalance loop writes its new plans here."""
+    return render_expert_placement(owner, config.placement)
+
+
+def render_expert_placement(owner: Owner, placement: ExpertPlacement | None) -> Object:
     document = placement.model_dump(mode="json") if placement is not None else None
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _metadata(owner, f"{owner.name}-expert-placement", "expert-placement"),
+        "metadata": _metadata(owner, expert_config_map_name(owner), "expert-placement"),
         "data": {EXPERT_PLACEMENT_KEY: json.dumps(document, separators=(",", ":"))},
     }
 

@@ -28,6 +28,7 @@ from llama4_operator.renderers.children import (
     render_children,
 )
 from llama4_operator.renderers.serving import (
+    ENGINE_METRICS_PORT,
     ExpertLayout,
     plan_initial_experts,
     serve_application,
@@ -147,6 +148,9 @@ def desired_state(
         len(placement.replicas),
         experts.placement,
         accelerator_resource=settings.accelerator_resource,
+        namespace=owner.namespace,
+        # External Ray: replicas may share a host and are found through the ingress' list.
+        metrics_port=0 if external_dashboard else ENGINE_METRICS_PORT,
     )
     children = render_children(
         owner,

@@ -1,5 +1,6 @@
 """The serving side of a deployment: the expert placement, the `ServingConfig` and the Ray Serve
-application that carries it (`import_path: llama4_serving.app:build_app`, `args`: the config)."""
+application that carries it (`import_path: llama4_serving.app:build_app`; `args`: the config
+without its runtime knobs, which go in `LLMServer`'s deployment-level override)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from llama4_serving.config import (
     ModelArchitecture,
     ServingConfig,
     WeightsSource,
+    application_args,
+    llm_server_overrides,
 )
 
 IMPORT_PATH = "llama4_serving.app:build_app"
@@ -50,42 +53,45 @@ def expert_topology(arch: CustomArchitecture, layout: Layout, redundant_slots: i
     return Topology(nodes=nodes, gpus_per_node=gpus_per_node, slots_per_gpu=slots_per_gpu)
 
 
+def fits_topology(
+    placement: ExpertPlacement, topology: Topology, layers: int, experts: int
+) -> bool:
+    """Whether `placement` is a valid plan for this topology: its shape, one row per MoE layer,
+    every expert held and no unknown id."""
+    return (
+        placement.nodes == topology.nodes
+        and placement.gpus_per_node == topology.gpus_per_node
+        and placement.slots_per_gpu == topology.slots_per_gpu
+        and len(placement.phy2log) == layers
+        and all(sorted(set(row)) == list(range(experts)) for row in placement.phy2log)
+    )
+
+
 def plan_initial_experts(
     arch: CustomArchitecture,
     layout: Layout,
     redundant_slots: int,
     previous: ExpertPlacement | None = None,
 ) -> ExpertLayout:
-    """The expert placement before any load is measured (uniform load), kept close to `previous`
-    when its shape still matches."""
+    """The expert placement: `previous` verbatim while it still fits the layout (it may be a
+    plan the rebalance loop made from measured load, which a resync must not undo); else a plan
+    for uniform load (no load is measured yet), with the version bumped past `previous`."""
     topology = expert_topology(arch, layout, redundant_slots)
-    layers = arch.moe_layer_count
-    previous_rows = None
-    version = 0
-    if previous is not None:
-        version = previous.version
-        same_shape = (
-            previous.nodes == topology.nodes
-            and previous.gpus_per_node == topology.gpus_per_node
-            and previous.slots_per_gpu == topology.slots_per_gpu
-            and len(previous.phy2log) == layers
+    layers, experts = arch.moe_layer_count, arch.num_local_experts
+    if previous is not None and fits_topology(previous, topology, layers, experts):
+        placement = previous
+    else:
+        plan = plan_experts(topology, layers, experts)
+        placement = ExpertPlacement(
+            nodes=topology.nodes,
+            gpus_per_node=topology.gpus_per_node,
+            slots_per_gpu=topology.slots_per_gpu,
+            phy2log=plan.phy2log.tolist(),
+            version=0 if previous is None else previous.version + 1,
         )
-        if same_shape:
-            previous_rows = np.asarray(previous.phy2log, dtype=np.int64)
-    plan = plan_experts(topology, layers, arch.num_local_experts, previous=previous_rows)
-    phy2log = plan.phy2log.tolist()
-    if previous is not None and phy2log != previous.phy2log:
-        version += 1
     gpu_load = placement_metrics.dispatch(
-        plan.phy2log, topology, uniform_load(layers, arch.num_local_experts)
+        np.asarray(placement.phy2log, dtype=np.int64), topology, uniform_load(layers, experts)
     ).gpu_load
-    placement = ExpertPlacement(
-        nodes=topology.nodes,
-        gpus_per_node=topology.gpus_per_node,
-        slots_per_gpu=topology.slots_per_gpu,
-        phy2log=phy2log,
-        version=version,
-    )
     return ExpertLayout(placement=placement, balance=placement_metrics.balance(gpu_load))
 
 
@@ -156,9 +162,14 @@ def serving_config(
     replicas: int,
     experts: ExpertPlacement | None,
     accelerator_resource: str = "GPU",
+    *,
+    namespace: str = "",
+    metrics_port: int = ENGINE_METRICS_PORT,
 ) -> ServingConfig:
     """The `args` of the Serve application for this spec and plan. `accelerator_resource` is
-    the Ray resource an expert shard takes (`GPU`, or a custom one on a CPU demo cluster)."""
+    the Ray resource an expert shard takes (`GPU`, or a custom one on a CPU demo cluster).
+    `namespace` labels the replicas' metrics targets (so PromQL selects this deployment's);
+    `metrics_port` 0 lets replicas sharing a host (external Ray) each pick a free port."""
     model = spec.model
     weights = model.weights
     api_key_file = None
@@ -185,17 +196,22 @@ def serving_config(
         ),
         api_key_file=api_key_file,
         accelerator_resource=accelerator_resource,
-        metrics_port=ENGINE_METRICS_PORT,
+        metrics_port=metrics_port,
+        metrics_target_labels={"namespace": namespace} if namespace else {},
     )
 
 
 def serve_application(config: ServingConfig, app_name: str, route_prefix: str) -> dict[str, Any]:
-    """One application of a Ray Serve config (the multi-application schema)."""
+    """One application of a Ray Serve config (the multi-application schema). What changes at
+    run time (replicas, expert plan, batching) is a deployment-level override of `LLMServer`;
+    `args` stay byte-identical across such changes, so Serve applies them without replacing
+    replicas (see `application_args`)."""
     return {
         "name": app_name,
         "route_prefix": route_prefix,
         "import_path": IMPORT_PATH,
-        "args": config.model_dump(mode="json"),
+        "args": application_args(config),
+        "deployments": [llm_server_overrides(config)],
     }
 
 

@@ -1,0 +1,190 @@
+"""Live autoscaling: on each tick, read the deployment's serving metrics, let the `token` policy
+decide, and set spec.replicas through the /scale subresource.
+
+The reconcile handlers do the rest (spec.replicas becomes the Serve application's replicas and
+the GPU worker groups), so this module never renders anything. It runs outside the reconcile
+lock: reading metrics waits on HTTP, and a scale is an ordinary spec change. Each decision goes
+to status.autoscaling and the `llama4_autoscaler_*` metrics; an event is posted only when the
+desired replicas or the kind of decision changes, so holding steady is quiet.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from llama4_operator import metrics
+from llama4_operator.api.models import AutoscalingStatus, Llama4DeploymentSpec
+from llama4_operator.handlers.config import OperatorConfig
+from llama4_operator.kube import KubeApi
+from llama4_operator.planners.autoscaling import MetricSample, ScalingDecision
+from llama4_operator.planners.autoscaling_inputs import (
+    AutoscalerState,
+    history_span_s,
+    policy_config,
+    reason_class,
+    stale_decision,
+)
+from llama4_operator.serving_metrics import (
+    DeploymentTarget,
+    DirectSource,
+    MetricsUnavailable,
+    PrometheusSource,
+    ServingMetricsSource,
+)
+
+OFF_MESSAGE = "autoscaling is off: spec.replicas is set by hand (kubectl scale) and kept"
+_EVENT_REASONS = {
+    "scale_up": ("Normal", "ScaledUp"),
+    "scale_down": ("Normal", "ScaledDown"),
+    "hold_metrics_stale": ("Warning", "AutoscalerMetricsUnavailable"),
+    "hold_cooldown": ("Normal", "AutoscalerCooldown"),
+    "hold": ("Normal", "AutoscalerHolding"),
+}
+
+
+def _rfc3339(at: datetime) -> str:
+    return at.isoformat().replace("+00:00", "Z")
+
+
+class Autoscaler:
+    """Decides replicas for every deployment with spec.autoscaling.enabled; one per operator."""
+
+    def __init__(
+        self,
+        kube: KubeApi,
+        source: ServingMetricsSource,
+        interval_s: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.kube = kube
+        self.source = source
+        self.interval_s = interval_s
+        self.clock = clock
+        self._states: dict[tuple[str, str], AutoscalerState] = {}
+
+    @classmethod
+    def for_config(cls, kube: KubeApi, config: OperatorConfig) -> Autoscaler:
+        """Read metrics from Prometheus when the operator has its URL, else from the replicas."""
+        source: ServingMetricsSource = (
+            PrometheusSource(config.prometheus_url) if config.prometheus_url else DirectSource()
+        )
+        return cls(kube, source, config.autoscale_interval_s)
+
+    def forget(self, namespace: str, name: str) -> None:
+        self._states.pop((namespace, name), None)
+        metrics.forget_autoscaler(namespace, name)
+
+    async def tick(
+        self, body: Mapping[str, Any], logger: logging.Logger | logging.LoggerAdapter[Any]
+    ) -> None:
+        """One decision for one deployment."""
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        try:
+            spec = Llama4DeploymentSpec.model_validate(body.get("spec") or {})
+        except ValidationError:
+            return  # the reconcile handler reports a bad spec in status
+        status: Mapping[str, Any] = body.get("status") or {}
+        previous: Mapping[str, Any] = status.get("autoscaling") or {}
+        if not spec.autoscaling.enabled:
+            self.forget(namespace, name)
+            if previous.get("managesReplicas"):
+                off = AutoscalingStatus(manages_replicas=False, message=OFF_MESSAGE)
+                await self.kube.patch_status(namespace, name, {"autoscaling": _patch(off)})
+            return
+        state = self._states.setdefault((namespace, name), AutoscalerState())
+        config = policy_config(spec.autoscaling, self.interval_s)
+        current = spec.replicas
+        target = DeploymentTarget(
+            namespace=namespace,
+            name=name,
+            served_model_name=spec.model.served_model_name or name,
+            endpoint=str(status.get("endpoint") or ""),
+        )
+        sample: MetricSample | None = None
+        read_error: str | None = None
+        try:
+            snapshot = await self.source.snapshot(target)
+        except MetricsUnavailable as error:
+            read_error = str(error)
+        now_s = self.clock()
+        if read_error is None:
+            sample = state.observe(snapshot, current, history_span_s(config))
+            decision = state.decide(config, now_s, current)
+        else:
+            decision = stale_decision(current, config, read_error)
+        desired = decision.desired_replicas
+        now = datetime.fromtimestamp(now_s, UTC)
+        last_scale = previous.get("lastScaleTime")
+        if desired != current:
+            await self.kube.scale(namespace, name, desired)
+            last_scale = _rfc3339(now)
+            if desired > current:
+                state.last_scale_up_s = now_s
+            logger.info(
+                "autoscaling %s/%s %d -> %d: %s",
+                namespace,
+                name,
+                current,
+                desired,
+                decision.message,
+            )
+        report = AutoscalingStatus(
+            manages_replicas=True,
+            desired_replicas=desired,
+            reason=str(decision.reason),
+            message=decision.message,
+            metrics_source=self.source.description,
+            tokens_per_second=round(sample.tokens_per_s, 3) if sample else None,
+            waiting_tokens=sample.waiting_tokens if sample else None,
+            capacity_tokens_per_second=round(decision.capacity_tokens_per_s, 3),
+            last_decision_time=now,
+            last_scale_time=datetime.fromisoformat(last_scale) if last_scale else None,
+        )
+        patch: dict[str, Any] = {"autoscaling": _patch(report)}
+        if sample is not None:
+            patch["tokensPerSecond"] = round(sample.tokens_per_s, 3)
+        await self.kube.patch_status(namespace, name, patch)
+        metrics.record_autoscaling(
+            namespace,
+            name,
+            desired_replicas=desired,
+            max_replicas=config.max_replicas,
+            reason=str(decision.reason),
+        )
+        self._announce(body, state, decision, current, warming_up=read_error is None and not sample)
+
+    def _announce(
+        self,
+        body: Mapping[str, Any],
+        state: AutoscalerState,
+        decision: ScalingDecision,
+        current: int,
+        *,
+        warming_up: bool,
+    ) -> None:
+        """An event when the desired replicas or the kind of decision changed."""
+        kind = reason_class(decision, current)
+        key = (decision.desired_replicas, kind)
+        if warming_up or key == state.announced:
+            return
+        state.announced = key
+        type_, reason = _EVENT_REASONS[kind]
+        if kind in ("scale_up", "scale_down"):
+            message = (
+                f"{current} -> {decision.desired_replicas} replicas ({decision.reason}): "
+                f"{decision.message}"
+            )
+        else:
+            message = f"{decision.reason}: {decision.message}"
+        self.kube.post_event(body, type_, reason, message)
+
+
+def _patch(report: AutoscalingStatus) -> dict[str, Any]:
+    """The status as a merge patch: every field written, unset ones as null (cleared)."""
+    return report.model_dump(mode="json", by_alias=True)

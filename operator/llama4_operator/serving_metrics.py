@@ -1,0 +1,257 @@
+"""Live serving metrics of one deployment: raw counters per replica, read from Prometheus or
+straight from the replicas.
+
+Two sources, one shape (`ServingSnapshot`): `PrometheusSource` runs PromQL instant queries over
+Prometheus' HTTP API, selecting the deployment's series by the `namespace` and `model_name`
+labels and grouping them by `instance` (one serving replica); `DirectSource` asks the
+deployment's OpenAI ingress for its live replicas (`GET /-/metrics/targets`, Prometheus HTTP
+service-discovery JSON) and scrapes each replica's `/metrics`. Turning two snapshots into rates
+is pure: the snapshot types and counter arithmetic live in `planners.serving_snapshot`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from llama4_operator.planners.serving_snapshot import ReplicaCounters, ServingSnapshot
+
+__all__ = [
+    "DeploymentTarget",
+    "DirectSource",
+    "MetricsUnavailable",
+    "PrometheusSource",
+    "ReplicaCounters",
+    "ServingMetricsSource",
+    "ServingSnapshot",
+]
+
+TIMEOUT_S = 10.0
+TARGETS_PATH = "/-/metrics/targets"
+
+PROMPT_TOKENS = "llama4_prompt_tokens_total"
+GENERATION_TOKENS = "llama4_generation_tokens_total"
+WAITING_PROMPT_TOKENS = "llama4_prompt_tokens_waiting"
+RUNNING_REQUESTS = "llama4_requests_running"
+ROUTED_TOKENS = "llama4_expert_routed_tokens_total"
+
+
+@dataclass(frozen=True)
+class DeploymentTarget:
+    """Which deployment's serving metrics to read."""
+
+    namespace: str
+    name: str
+    """The Llama4Deployment's name."""
+    served_model_name: str
+    """Value of the `model_name` label on the serving metrics."""
+    endpoint: str
+    """status.endpoint (OpenAI base URL); the direct source discovers replicas from it."""
+
+
+class MetricsUnavailable(Exception):  # noqa: N818 - the shared interface fixes this name
+    """No usable reading; str(error) says why (for status and events)."""
+
+
+class ServingMetricsSource(Protocol):
+    """Where live serving metrics come from."""
+
+    description: str
+    """Short, for status: e.g. 'prometheus http://prom:9090' or 'direct'."""
+
+    async def snapshot(self, target: DeploymentTarget) -> ServingSnapshot:
+        """Every live replica's counters now; raises MetricsUnavailable."""
+        ...
+
+
+class _Builder:
+    """Accumulates values per instance, then freezes them into ReplicaCounters."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, dict[str, float]] = {}
+        self.routed: dict[str, dict[tuple[int, int], float]] = {}
+
+    def add(self, instance: str, metric: str, labels: Mapping[str, str], value: float) -> None:
+        if metric == ROUTED_TOKENS:
+            try:
+                key = (int(labels["layer"]), int(labels["expert"]))
+            except (KeyError, ValueError):
+                return  # not a series this module understands
+            per_instance = self.routed.setdefault(instance, {})
+            per_instance[key] = per_instance.get(key, 0.0) + value
+            self.values.setdefault(instance, {})
+            return
+        per_metric = self.values.setdefault(instance, {})
+        per_metric[metric] = per_metric.get(metric, 0.0) + value
+
+    def build(self, time_s: float) -> ServingSnapshot:
+        replicas = {
+            instance: ReplicaCounters(
+                prompt_tokens=values.get(PROMPT_TOKENS, 0.0),
+                generation_tokens=values.get(GENERATION_TOKENS, 0.0),
+                waiting_prompt_tokens=values.get(WAITING_PROMPT_TOKENS, 0.0),
+                running_requests=values.get(RUNNING_REQUESTS, 0.0),
+                routed_tokens=dict(self.routed.get(instance, {})),
+            )
+            for instance, values in self.values.items()
+        }
+        return ServingSnapshot(time_s=time_s, replicas=replicas)
+
+
+def _promql_string(value: str) -> str:
+    """A PromQL double-quoted string literal."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class PrometheusSource:
+    """Instant PromQL queries against a Prometheus server's HTTP API."""
+
+    def __init__(self, url: str, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.description = f"prometheus {self.url}"
+        self._transport = transport
+
+    def queries(self, target: DeploymentTarget) -> dict[str, str]:
+        """Metric name -> PromQL selecting this deployment's series, grouped by instance."""
+        selector = (
+            f"namespace={_promql_string(target.namespace)},"
+            f"model_name={_promql_string(target.served_model_name)}"
+        )
+        simple = (PROMPT_TOKENS, GENERATION_TOKENS, WAITING_PROMPT_TOKENS, RUNNING_REQUESTS)
+        queries = {name: f"sum by (instance) ({name}{{{selector}}})" for name in simple}
+        queries[ROUTED_TOKENS] = f"sum by (instance, layer, expert) ({ROUTED_TOKENS}{{{selector}}})"
+        return queries
+
+    async def snapshot(self, target: DeploymentTarget) -> ServingSnapshot:
+        builder = _Builder()
+        queries = self.queries(target)
+        read_at = time.time()
+        try:
+            async with httpx.AsyncClient(
+                base_url=self.url, timeout=TIMEOUT_S, transport=self._transport
+            ) as http:
+                results = await asyncio.gather(
+                    *(self._query(http, query) for query in queries.values())
+                )
+        except (httpx.HTTPError, ValueError) as error:
+            raise MetricsUnavailable(f"Prometheus at {self.url}: {error}") from error
+        for metric, series in zip(queries, results, strict=True):
+            for labels, value in series:
+                instance = labels.get("instance", "")
+                if instance:
+                    builder.add(instance, metric, labels, value)
+        snapshot = builder.build(read_at)
+        if not snapshot.replicas:
+            raise MetricsUnavailable(
+                f"Prometheus at {self.url} has no {PROMPT_TOKENS} series for "
+                f"namespace={target.namespace!r} model_name={target.served_model_name!r} "
+                "(is it scraping the replicas?)"
+            )
+        return snapshot
+
+    async def _query(
+        self, http: httpx.AsyncClient, query: str
+    ) -> list[tuple[dict[str, str], float]]:
+        response = await http.get("/api/v1/query", params={"query": query})
+        response.raise_for_status()
+        body = response.json()
+        if body.get("status") != "success":
+            raise MetricsUnavailable(
+                f"Prometheus at {self.url} refused {query!r}: {body.get('error', body)}"
+            )
+        return [_instant_value(item) for item in body.get("data", {}).get("result", [])]
+
+
+def _instant_value(item: Mapping[str, Any]) -> tuple[dict[str, str], float]:
+    labels = {str(k): str(v) for k, v in (item.get("metric") or {}).items()}
+    _, value = item.get("value", (0, "0"))
+    return labels, float(value)
+
+
+def targets_url(endpoint: str) -> str:
+    """The ingress' service-discovery URL from the OpenAI base URL (which ends in /v1)."""
+    base = endpoint.rstrip("/")
+    base = base.removesuffix("/v1")
+    return base + TARGETS_PATH
+
+
+def parse_targets(body: Any) -> list[str]:
+    """host:port of every target in a Prometheus HTTP service-discovery document."""
+    if not isinstance(body, list):
+        raise TypeError("expected a JSON list of target groups")
+    targets: list[str] = []
+    for group in body:
+        if isinstance(group, Mapping):
+            targets.extend(str(t) for t in group.get("targets") or [])
+    return targets
+
+
+def parse_exposition(text: str, model_name: str) -> ReplicaCounters | None:
+    """One replica's counters from its Prometheus text exposition (None: no series of
+    `model_name` in it)."""
+    builder = _Builder()
+    wanted = {
+        PROMPT_TOKENS,
+        GENERATION_TOKENS,
+        WAITING_PROMPT_TOKENS,
+        RUNNING_REQUESTS,
+        ROUTED_TOKENS,
+    }
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in wanted and sample.labels.get("model_name") == model_name:
+                builder.add("replica", sample.name, sample.labels, sample.value)
+    snapshot = builder.build(0.0)
+    return snapshot.replicas.get("replica")
+
+
+class DirectSource:
+    """Scrapes the replicas the ingress lists, without a Prometheus in between."""
+
+    description = "direct"
+
+    def __init__(self, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._transport = transport
+
+    async def snapshot(self, target: DeploymentTarget) -> ServingSnapshot:
+        if not target.endpoint:
+            raise MetricsUnavailable("the deployment has no endpoint yet (status.endpoint)")
+        discovery = targets_url(target.endpoint)
+        async with httpx.AsyncClient(timeout=TIMEOUT_S, transport=self._transport) as http:
+            try:
+                response = await http.get(discovery)
+                response.raise_for_status()
+                instances = parse_targets(response.json())
+            except (httpx.HTTPError, ValueError, TypeError) as error:
+                raise MetricsUnavailable(f"replica discovery at {discovery}: {error}") from error
+            if not instances:
+                raise MetricsUnavailable(f"replica discovery at {discovery} lists no replicas")
+            read_at = time.time()
+            scraped = await asyncio.gather(
+                *(self._scrape(http, instance, target.served_model_name) for instance in instances)
+            )
+        replicas = {i: c for i, c in zip(instances, scraped, strict=True) if c is not None}
+        if not replicas:
+            raise MetricsUnavailable(
+                f"none of the {len(instances)} replicas listed at {discovery} could be scraped "
+                f"for model_name={target.served_model_name!r}"
+            )
+        return ServingSnapshot(time_s=read_at, replicas=replicas)
+
+    @staticmethod
+    async def _scrape(
+        http: httpx.AsyncClient, instance: str, model_name: str
+    ) -> ReplicaCounters | None:
+        """One replica's counters; None when it cannot be read (it may be going away)."""
+        try:
+            response = await http.get(f"http://{instance}/metrics")
+            response.raise_for_status()
+            return parse_exposition(response.text, model_name)
+        except (httpx.HTTPError, ValueError):
+            return None

@@ -1,0 +1,346 @@
+"""Live autoscaling end to end, every component real: the local control plane, a local Ray
+cluster (a head and a worker declaring fake GPUs) running the serving app, a Prometheus that
+finds the replicas through the ingress' /-/metrics/targets and scrapes them and the operator,
+and the operator in external-Ray mode reading token throughput from that Prometheus.
+
+A load generator raises token throughput until the operator scales the deployment from 1 to 2
+replicas (spec.replicas, then 2 LLMServer replicas in Serve); when the load stops it goes back
+to 1. Status, events and the llama4_autoscaler_* metrics (queried from Prometheus) must show
+both decisions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from prometheus_server import PrometheusApi, prometheus
+
+from llama4_operator.devenv.cluster import LocalCluster, free_port
+from llama4_operator.monitoring import dashboards, rules
+from llama4_operator.monitoring.selectors import Selectors
+from llama4_operator.renderers.children import Owner, external_app_name, external_route_prefix
+from llama4_serving.tiny import write_tokenizer
+from support import REPO, Kubectl, OperatorProcess, wait_for
+
+pytestmark = pytest.mark.cluster
+
+# Ray processes inherit these: nothing fetched from hubs, no usage reports, and time for a
+# dashboard agent to start on a busy 2-core machine.
+RAY_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_agent_register_timeout_ms": "120000",
+    "RAY_raylet_start_wait_time_s": "180",
+}
+NAMESPACE = "autoscale-live"
+NAME = "tiny"
+MODEL = "tiny-llama4"
+OWNER = Owner(name=NAME, namespace=NAMESPACE, uid="-")
+APP = external_app_name(OWNER)
+PREFIX = external_route_prefix(OWNER)
+
+
+@dataclass
+class RayServe:
+    dashboard: str
+    serve_url: str
+
+    def llm_replicas(self) -> int:
+        """RUNNING LLMServer replicas of the deployment's Serve application."""
+        response = httpx.get(f"{self.dashboard}/api/serve/applications/", timeout=10)
+        if not response.is_success:
+            return -1
+        app = (response.json().get("applications") or {}).get(APP) or {}
+        replicas = ((app.get("deployments") or {}).get("LLMServer") or {}).get("replicas") or []
+        return sum(1 for r in replicas if r.get("state") == "RUNNING")
+
+
+@pytest.fixture(scope="module")
+def ray_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayServe]:
+    """A real Ray cluster in processes of its own (the test process never joins it), with
+    Serve's HTTP proxy on the head."""
+    from ray.cluster_utils import Cluster
+
+    os.environ.update(RAY_ENV)
+    started = time.monotonic()
+    dashboard_port, serve_port = free_port(), free_port()
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 4,
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": dashboard_port,
+        },
+    )
+    try:
+        # Expert shards take fake GPUs (plenty: they cost nothing); replicas take half a CPU.
+        cluster.add_node(num_cpus=4, resources={"fake_gpu": 16}, labels={"llama4.dev/ep-node": "0"})
+        dashboard = f"http://127.0.0.1:{dashboard_port}"
+        log = tmp_path_factory.mktemp("serve") / "serve-start.log"
+        with log.open("wb") as out:
+            result = subprocess.run(
+                [
+                    str(Path(sys.executable).with_name("serve")),
+                    "start",
+                    f"--address={cluster.address}",
+                    "--http-host=127.0.0.1",
+                    f"--http-port={serve_port}",
+                    "--proxy-location=HeadOnly",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **RAY_ENV},
+                timeout=300,
+                check=False,
+            )
+        assert result.returncode == 0, f"`serve start` failed: {log.read_text()[-3000:]}"
+        wait_for(
+            lambda: httpx.get(f"{dashboard}/api/serve/applications/", timeout=10).is_success,
+            180,
+            "the Ray dashboard's Serve API",
+        )
+        print(f"Ray cluster and Serve ready in {time.monotonic() - started:.0f} s")
+        yield RayServe(dashboard, f"http://127.0.0.1:{serve_port}")
+    finally:
+        cluster.shutdown()
+
+
+def deployment(tokenizer: Path) -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load(
+        (REPO / "manifests" / "samples" / "tiny-reference.yaml").read_text()
+    )
+    document["metadata"] = {"name": NAME, "namespace": NAMESPACE}
+    spec = document["spec"]
+    spec["model"]["weights"]["tokenizerPath"] = str(tokenizer)
+    spec["engine"]["extraArgs"] = {"replica_num_cpus": "0.5", "torch_threads": "1"}
+    spec["replicas"] = 1
+    spec["autoscaling"] = {
+        "enabled": True,
+        "minReplicas": 1,
+        "maxReplicas": 2,
+        # Far below what the tiny model serves, so a few concurrent clients overload a replica.
+        "targetTokensPerSecond": 10,
+        "scaleDownDelaySeconds": 20,
+        "coldStartSeconds": 10,
+    }
+    return document
+
+
+class Load:
+    """Concurrent completion requests until stopped; counts what was answered."""
+
+    def __init__(self, url: str, clients: int = 4) -> None:
+        self.url = url
+        self.stop_event = threading.Event()
+        self.answered = 0
+        self.failed = 0
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=60) as http:
+            while not self.stop_event.is_set():
+                try:
+                    response = http.post(
+                        self.url,
+                        json={
+                            "model": MODEL,
+                            "prompt": "Mixture of experts route each token " * 3,
+                            "max_tokens": 16,
+                        },
+                    )
+                    if response.is_success:
+                        self.answered += 1
+                    else:
+                        self.failed += 1
+                except httpx.HTTPError:
+                    self.failed += 1
+                    time.sleep(0.5)
+
+    def __enter__(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop_event.set()
+        for thread in self.threads:
+            thread.join(timeout=90)
+
+
+def replicas(kubectl: Kubectl) -> int:
+    return int(kubectl.run("get", "l4d", NAME, "-n", NAMESPACE, "-o=jsonpath={.spec.replicas}"))
+
+
+def events(kubectl: Kubectl) -> list[dict[str, Any]]:
+    listed = json.loads(
+        kubectl.run(
+            "get",
+            "events",
+            "-n",
+            NAMESPACE,
+            f"--field-selector=involvedObject.name={NAME}",
+            "-o=json",
+        )
+    )
+    items: list[dict[str, Any]] = listed["items"]
+    return items
+
+
+def dashboard_queries() -> list[str]:
+    """Every query of the generated dashboards, with the Grafana variables a user would pick for
+    this deployment (the serving replicas name their series after the served model)."""
+    variables = {
+        "$__rate_interval": "1m",
+        "$namespace": NAMESPACE,
+        "$deployment": f"{NAME}|{MODEL}",
+        "$gpu_hour_price": "2.5",
+    }
+    found = []
+    for board in dashboards.all_dashboards(Selectors()):
+        for panel in board.to_json()["panels"]:
+            for target in panel["targets"]:
+                expr: str = target["expr"]
+                for variable, value in variables.items():
+                    expr = expr.replace(variable, value)
+                found.append(expr)
+    return found
+
+
+def pinned_at_max_expr() -> str:
+    (alert,) = (a for a in rules.alerts(Selectors()) if a["alert"] == "Llama4AutoscalerPinnedAtMax")
+    return str(alert["expr"])
+
+
+def series(api: PrometheusApi, expr: str) -> dict[str, float]:
+    """reason (or '') -> value of an instant query."""
+    return {r["metric"].get("reason", ""): float(r["value"][1]) for r in api.query(expr)}
+
+
+def test_token_load_scales_up_then_back_down(
+    local_cluster: LocalCluster,
+    kubectl: Kubectl,
+    operator: OperatorProcess,
+    ray_serve: RayServe,
+    tmp_path: Path,
+) -> None:
+    tokenizer = tmp_path / "tokenizer"
+    write_tokenizer(tokenizer, 512)
+    # The session's operator (RayService mode) would act on this resource too: pause it.
+    operator.stop()
+    autoscaling_operator = OperatorProcess(
+        local_cluster.kubeconfig,
+        tmp_path,
+        extra_args=(
+            f"--external-ray-dashboard={ray_serve.dashboard}",
+            "--ray-accelerator-resource=fake_gpu",
+            "--autoscale-interval=2",
+        ),
+    )
+    targets_url = f"{ray_serve.serve_url}{PREFIX}/-/metrics/targets"
+    with prometheus(
+        tmp_path,
+        # The job name the chart's ServiceMonitor gives the operator, which the rules select.
+        {"llama4-operator": (f"127.0.0.1:{autoscaling_operator.metrics_port}", {})},
+        discovered={"serving": targets_url},
+    ) as prom:
+        autoscaling_operator.extra_args += (f"--prometheus-url={prom.url}",)
+        autoscaling_operator.start()
+        try:
+            kubectl.run("create", "namespace", NAMESPACE, check=False)
+            kubectl.run("apply", "-f", "-", input=yaml.safe_dump(deployment(tokenizer)))
+            wait_for(lambda: ray_serve.llm_replicas() == 1, 300, "1 LLMServer replica RUNNING")
+            targets = httpx.get(targets_url, timeout=10).json()
+            assert len(targets) == 1, targets
+            assert len(targets[0]["targets"]) == 1, targets
+            assert targets[0]["labels"]["namespace"] == NAMESPACE
+
+            started = time.monotonic()
+            with Load(f"{ray_serve.serve_url}{PREFIX}/v1/completions") as load:
+                wait_for(lambda: replicas(kubectl) == 2, 180, "spec.replicas to go 1 -> 2")
+                print(f"scaled up {time.monotonic() - started:.0f} s after the load began")
+                wait_for(lambda: ray_serve.llm_replicas() == 2, 240, "2 LLMServer replicas")
+                # Prometheus finds the new replica through the ingress and scrapes it.
+                wait_for(
+                    lambda: (
+                        len(prom.query(f'llama4_prompt_tokens_total{{namespace="{NAMESPACE}"}}'))
+                        == 2
+                    ),
+                    60,
+                    "Prometheus to scrape both replicas",
+                )
+                # At its maximum the autoscaler is pinned: that alert's expression fires.
+                pinned = wait_for(
+                    lambda: prom.query(pinned_at_max_expr()), 30, "the pinned-at-max expression"
+                )
+                assert [p["metric"]["name"] for p in pinned] == [NAME]
+                # Under load, with both replicas and the operator scraped, every dashboard
+                # query (serving and operator side, the MoE heatmap included) returns data.
+                for expr in dashboard_queries():
+                    result = wait_for(lambda e=expr: prom.query(e), 30, f"data for {expr}")
+                    assert any(math.isfinite(float(r["value"][1])) for r in result), expr
+            assert load.answered > 0, f"no request was answered ({load.failed} failed)"
+
+            stopped = time.monotonic()
+            wait_for(lambda: replicas(kubectl) == 1, 180, "spec.replicas to go back 2 -> 1")
+            print(f"scaled down {time.monotonic() - stopped:.0f} s after the load stopped")
+            wait_for(lambda: ray_serve.llm_replicas() == 1, 180, "1 LLMServer replica again")
+            wait_for(
+                lambda: len(httpx.get(targets_url, timeout=10).json()[0]["targets"]) == 1,
+                60,
+                "the ingress to drop the removed replica from its targets",
+            )
+
+            status = yaml.safe_load(kubectl.run("get", "l4d", NAME, "-n", NAMESPACE, "-o=yaml"))[
+                "status"
+            ]["autoscaling"]
+            assert status["managesReplicas"] is True
+            assert status["desiredReplicas"] == 1
+            assert status["metricsSource"] == f"prometheus {prom.url}"
+            assert status["lastScaleTime"]
+
+            found = events(kubectl)
+            reasons = [e["reason"] for e in found]
+            assert "ScaledUp" in reasons, reasons
+            assert "ScaledDown" in reasons, reasons
+            messages = " | ".join(e["message"] for e in found)
+            assert "1 -> 2 replicas" in messages, messages
+            assert "2 -> 1 replicas" in messages, messages
+
+            selector = f'namespace="{NAMESPACE}",name="{NAME}"'
+            # Wait one scrape so the last decision is in Prometheus.
+            wait_for(
+                lambda: (
+                    series(prom, f"llama4_autoscaler_desired_replicas{{{selector}}}") == {"": 1.0}
+                ),
+                30,
+                "the desired-replicas gauge back at 1 in Prometheus",
+            )
+            peak = series(
+                prom, f"max_over_time(llama4_autoscaler_desired_replicas{{{selector}}}[15m])"
+            )
+            assert peak == {"": 2.0}
+            assert series(prom, f"llama4_autoscaler_max_replicas{{{selector}}}") == {"": 2.0}
+            decisions = series(prom, f"llama4_autoscaler_decisions_total{{{selector}}}")
+            up = {"scale_up_burst", "scale_up_trend", "clamp_max"}
+            down = {"scale_down_lull", "clamp_min"}
+            assert up & decisions.keys(), decisions
+            assert down & decisions.keys(), decisions
+        finally:
+            kubectl.run("delete", "l4d", NAME, "-n", NAMESPACE, "--wait=true", check=False)
+            autoscaling_operator.stop()
+            print(autoscaling_operator.log()[-4000:])
+            operator.start()

@@ -1,0 +1,386 @@
+"""Live autoscaling without a cluster: samples from snapshots, spec -> policy settings, the
+serving-metrics sources against fake HTTP servers, and the Autoscaler against a fake source and
+a fake kube module (scales up, holds on missing metrics, never to zero, clamps, respects off)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from llama4_operator import metrics
+from llama4_operator.api.models import AutoscalingSpec
+from llama4_operator.handlers.autoscale import OFF_MESSAGE, Autoscaler
+from llama4_operator.handlers.config import ConfigError, OperatorConfig
+from llama4_operator.planners.autoscaling import ScalingReason
+from llama4_operator.planners.autoscaling_inputs import (
+    DEFAULT_CAPACITY_GUESS,
+    metric_sample,
+    policy_config,
+)
+from llama4_operator.serving_metrics import (
+    DeploymentTarget,
+    DirectSource,
+    MetricsUnavailable,
+    PrometheusSource,
+    ReplicaCounters,
+    ServingSnapshot,
+    parse_exposition,
+    parse_targets,
+    targets_url,
+)
+
+LOG = logging.getLogger("test")
+NS, NAME, MODEL = "llm", "chat", "tiny-llama4"
+TARGET = DeploymentTarget(NS, NAME, MODEL, "http://ray:8000/llm-chat/v1")
+
+
+def snap(time_s: float, **replicas: tuple[float, float, float]) -> ServingSnapshot:
+    """replicas: instance -> (prompt tokens, generated tokens, waiting prompt tokens)."""
+    return ServingSnapshot(
+        time_s,
+        {
+            instance.replace("_", ":"): ReplicaCounters(
+                prompt_tokens=p, generation_tokens=g, waiting_prompt_tokens=w
+            )
+            for instance, (p, g, w) in replicas.items()
+        },
+    )
+
+
+# -- samples and settings ------------------------------------------------------------------
+
+
+def test_sample_rates_come_from_counter_deltas_of_instances_seen_twice() -> None:
+    prev = snap(100.0, a_1=(1000, 500, 0), b_1=(50, 10, 0))
+    # b restarted (counters reset below their old values); c is new; both report a backlog.
+    cur = snap(110.0, a_1=(1500, 700, 0), b_1=(30, 5, 40), c_1=(9999, 9999, 60))
+    sample = metric_sample(prev, cur, current_replicas=3)
+    assert sample is not None
+    assert sample.prompt_tokens_per_s == pytest.approx((500 + 30) / 10)
+    assert sample.generated_tokens_per_s == pytest.approx((200 + 5) / 10)
+    assert sample.waiting_tokens == 100  # every instance in the newer snapshot
+    assert sample.ready_replicas == 3
+    assert sample.current_replicas == 3
+    assert metric_sample(cur, cur, current_replicas=3) is None  # no time passed
+
+
+def test_policy_settings_follow_the_spec() -> None:
+    spec = AutoscalingSpec(
+        enabled=True,
+        min_replicas=0,
+        max_replicas=3,
+        target_tokens_per_second=40,
+        scale_down_delay_seconds=20,
+        cold_start_seconds=10,
+    )
+    config = policy_config(spec, interval_s=2)
+    assert config.capacity_tokens_per_s == 40
+    assert not config.calibrate
+    assert config.min_replicas == 1  # never to zero: nothing would measure demand coming back
+    assert config.max_replicas == 3
+    assert config.scale_down_window_s == config.scale_down_cooldown_s == 20
+    assert config.cold_start_s == 10
+    assert config.stale_after_s == 60
+    auto = policy_config(AutoscalingSpec(enabled=True), interval_s=30)
+    assert auto.calibrate
+    assert auto.capacity_tokens_per_s == DEFAULT_CAPACITY_GUESS
+    assert auto.stale_after_s == 90
+
+
+def test_operator_settings_name_the_variable_and_the_fix() -> None:
+    config = OperatorConfig.from_env(
+        {
+            "LLAMA4_PROMETHEUS_URL": "http://prom:9090",
+            "LLAMA4_AUTOSCALE_INTERVAL_SECONDS": "2",
+        }
+    )
+    assert config.prometheus_url == "http://prom:9090"
+    assert config.autoscale_interval_s == 2
+    assert OperatorConfig.from_env({}).prometheus_url is None
+    assert OperatorConfig.from_env({}).autoscale_interval_s == 15
+    with pytest.raises(ConfigError, match="LLAMA4_PROMETHEUS_URL must be an http"):
+        OperatorConfig.from_env({"LLAMA4_PROMETHEUS_URL": "prom:9090"})
+    with pytest.raises(ConfigError, match="LLAMA4_AUTOSCALE_INTERVAL_SECONDS must be at least"):
+        OperatorConfig.from_env({"LLAMA4_AUTOSCALE_INTERVAL_SECONDS": "0.5"})
+
+
+# -- sources ----------------------------------------------------------------------------------
+
+EXPOSITION = """\
+# TYPE llama4_prompt_tokens_total counter
+llama4_prompt_tokens_total{model_name="tiny-llama4"} 120.0
+llama4_prompt_tokens_total{model_name="other"} 5.0
+# TYPE llama4_generation_tokens_total counter
+llama4_generation_tokens_total{model_name="tiny-llama4"} 64.0
+# TYPE llama4_prompt_tokens_waiting gauge
+llama4_prompt_tokens_waiting{model_name="tiny-llama4"} 17.0
+# TYPE llama4_requests_running gauge
+llama4_requests_running{model_name="tiny-llama4"} 3.0
+# TYPE llama4_expert_routed_tokens_total counter
+llama4_expert_routed_tokens_total{expert="2",layer="1",model_name="tiny-llama4"} 40.0
+"""
+
+
+def test_exposition_parsing_keeps_the_served_model_only() -> None:
+    counters = parse_exposition(EXPOSITION, MODEL)
+    assert counters == ReplicaCounters(120.0, 64.0, 17.0, 3.0, {(1, 2): 40.0})
+    assert parse_exposition(EXPOSITION, "absent") is None
+
+
+def test_direct_source_lists_targets_then_scrapes_each_and_drops_unreachable_ones() -> None:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        if request.url.path == "/llm-chat/-/metrics/targets":
+            groups = [{"targets": ["10.0.0.1:9001", "10.0.0.2:9002"], "labels": {}}]
+            return httpx.Response(200, json=groups)
+        if request.url.host == "10.0.0.1":
+            return httpx.Response(200, text=EXPOSITION)
+        return httpx.Response(503, text="going away")
+
+    snapshot = asyncio.run(DirectSource(httpx.MockTransport(handler)).snapshot(TARGET))
+    assert set(snapshot.replicas) == {"10.0.0.1:9001"}
+    assert snapshot.replicas["10.0.0.1:9001"].waiting_prompt_tokens == 17.0
+    assert seen[0] == "http://ray:8000/llm-chat/-/metrics/targets"
+    assert targets_url("http://h:8000/v1/") == "http://h:8000/-/metrics/targets"
+
+
+def test_direct_source_errors_say_what_failed() -> None:
+    def no_targets(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=[])
+
+    def broken(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(404, text="no route")
+
+    with pytest.raises(MetricsUnavailable, match="lists no replicas"):
+        asyncio.run(DirectSource(httpx.MockTransport(no_targets)).snapshot(TARGET))
+    with pytest.raises(MetricsUnavailable, match=r"replica discovery at http://ray:8000/.*404"):
+        asyncio.run(DirectSource(httpx.MockTransport(broken)).snapshot(TARGET))
+    with pytest.raises(MetricsUnavailable, match="no endpoint yet"):
+        asyncio.run(DirectSource().snapshot(DeploymentTarget(NS, NAME, MODEL, "")))
+
+
+def test_prometheus_source_selects_the_deployment_and_groups_by_instance() -> None:
+    queries: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        query = request.url.params["query"]
+        queries.append(query)
+        if "expert_routed" in query:
+            result = [
+                {
+                    "metric": {"instance": "10.0.0.1:9001", "layer": "3", "expert": "0"},
+                    "value": [1.0, "7"],
+                }
+            ]
+        elif "prompt_tokens_total" in query:
+            result = [
+                {"metric": {"instance": "10.0.0.1:9001"}, "value": [1.0, "100"]},
+                {"metric": {"instance": "10.0.0.2:9002"}, "value": [1.0, "50"]},
+            ]
+        else:
+            result = [{"metric": {"instance": "10.0.0.1:9001"}, "value": [1.0, "2"]}]
+        return httpx.Response(200, json={"status": "success", "data": {"result": result}})
+
+    source = PrometheusSource("http://prom:9090/", httpx.MockTransport(handler))
+    snapshot = asyncio.run(source.snapshot(TARGET))
+    assert snapshot.replicas["10.0.0.1:9001"] == ReplicaCounters(100, 2, 2, 2, {(3, 0): 7})
+    assert snapshot.replicas["10.0.0.2:9002"].prompt_tokens == 50
+    assert all('namespace="llm",model_name="tiny-llama4"' in q for q in queries)
+    assert all("by (instance" in q for q in queries)
+
+
+def test_prometheus_source_errors_say_what_failed() -> None:
+    def empty(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"status": "success", "data": {"result": []}})
+
+    def refused(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused")
+
+    with pytest.raises(MetricsUnavailable, match="no llama4_prompt_tokens_total series"):
+        asyncio.run(
+            PrometheusSource("http://prom:9090", httpx.MockTransport(empty)).snapshot(TARGET)
+        )
+    with pytest.raises(MetricsUnavailable, match="Prometheus at http://prom:9090: connection"):
+        asyncio.run(
+            PrometheusSource("http://prom:9090", httpx.MockTransport(refused)).snapshot(TARGET)
+        )
+
+
+# -- the autoscaler ---------------------------------------------------------------------------
+
+
+class FakeSource:
+    """Serves scripted snapshots (or errors) one per call."""
+
+    description = "fake"
+
+    def __init__(self) -> None:
+        self.script: list[ServingSnapshot | MetricsUnavailable] = []
+        self.reads = 0
+
+    async def snapshot(self, target: DeploymentTarget) -> ServingSnapshot:
+        self.reads += 1
+        item = self.script.pop(0)
+        if isinstance(item, MetricsUnavailable):
+            raise item
+        return item
+
+
+class FakeKube:
+    def __init__(self) -> None:
+        self.scaled: list[int] = []
+        self.statuses: list[dict[str, Any]] = []
+        self.events: list[tuple[str, str, str]] = []
+
+    async def scale(self, namespace: str, name: str, replicas: int) -> None:
+        self.scaled.append(replicas)
+
+    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.statuses.append(status)
+
+    def post_event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        self.events.append((type_, reason, message))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def deployment(replicas: int, status: dict[str, Any] | None = None, **autoscaling: Any) -> dict:
+    settings = {
+        "enabled": True,
+        "minReplicas": 1,
+        "maxReplicas": 3,
+        "targetTokensPerSecond": 100,
+        "scaleDownDelaySeconds": 20,
+        "coldStartSeconds": 10,
+        **autoscaling,
+    }
+    return {
+        "metadata": {"namespace": NS, "name": NAME},
+        "spec": {
+            "model": {"variant": "scout", "servedModelName": MODEL},
+            "replicas": replicas,
+            "autoscaling": settings,
+        },
+        "status": {"endpoint": TARGET.endpoint, **(status or {})},
+    }
+
+
+def make(interval_s: float = 2.0) -> tuple[Autoscaler, FakeSource, FakeKube, Clock]:
+    source, kube, clock = FakeSource(), FakeKube(), Clock()
+    metrics.forget_autoscaler(NS, NAME)
+    return Autoscaler(kube, source, interval_s, clock), source, kube, clock  # type: ignore[arg-type]
+
+
+def exported(metric: str, **labels: str) -> float | None:
+    for family in text_string_to_metric_families(generate_latest(metrics.REGISTRY).decode()):
+        for sample in family.samples:
+            if sample.name == metric and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return None
+
+
+def tick(autoscaler: Autoscaler, obj: dict[str, Any]) -> None:
+    asyncio.run(autoscaler.tick(obj, LOG))
+
+
+def test_load_above_capacity_scales_up_and_records_the_decision() -> None:
+    autoscaler, source, kube, clock = make()
+    # 1 replica of 100 tokens/s; 300 tokens/s arrive: two snapshots 2 s apart give one sample.
+    source.script = [snap(clock.now, a_1=(0, 0, 0)), snap(clock.now + 2, a_1=(400, 200, 0))]
+    tick(autoscaler, deployment(1))
+    assert kube.scaled == []
+    assert kube.events == []  # the first reading only starts the history
+    clock.now += 2
+    tick(autoscaler, deployment(1))
+    assert kube.scaled == [3]  # 300 tokens/s at 80% of 100 each: 4, capped at max 3
+    report = kube.statuses[-1]["autoscaling"]
+    assert report["managesReplicas"] is True
+    assert report["desiredReplicas"] == 3
+    assert report["reason"] == ScalingReason.CLAMP_MAX
+    assert report["tokensPerSecond"] == pytest.approx(300)
+    assert report["lastScaleTime"] == report["lastDecisionTime"]
+    assert kube.statuses[-1]["tokensPerSecond"] == pytest.approx(300)
+    ((type_, reason, message),) = kube.events
+    assert (type_, reason) == ("Normal", "ScaledUp")
+    assert "1 -> 3 replicas" in message
+    assert exported("llama4_autoscaler_desired_replicas", namespace=NS, name=NAME) == 3
+    assert exported("llama4_autoscaler_max_replicas", namespace=NS, name=NAME) == 3
+    assert (
+        exported("llama4_autoscaler_decisions_total", namespace=NS, name=NAME, reason="clamp_max")
+        == 1
+    )
+
+
+def test_missing_metrics_hold_with_the_reason_and_warn_once() -> None:
+    autoscaler, source, kube, clock = make()
+    source.script = [MetricsUnavailable("Prometheus at http://prom: connection refused")] * 3
+    for _ in range(3):
+        tick(autoscaler, deployment(2))
+        clock.now += 2
+    assert kube.scaled == []
+    report = kube.statuses[-1]["autoscaling"]
+    assert report["reason"] == "hold_metrics_stale"
+    assert report["desiredReplicas"] == 2
+    assert "connection refused" in report["message"]
+    assert report["tokensPerSecond"] is None
+    assert "tokensPerSecond" not in kube.statuses[-1]  # no measurement: the old figure stays
+    assert [e[:2] for e in kube.events] == [("Warning", "AutoscalerMetricsUnavailable")]
+
+
+def test_idle_deployment_never_scales_to_zero() -> None:
+    autoscaler, source, kube, clock = make()
+    source.script = [snap(clock.now + 2 * i, a_1=(0, 0, 0), b_1=(0, 0, 0)) for i in range(30)]
+    replicas = 2
+    for _ in range(30):
+        tick(autoscaler, deployment(replicas, minReplicas=0))
+        replicas = kube.scaled[-1] if kube.scaled else replicas
+        clock.now += 2
+    # Idle past the scale-down delay: one replica given back, never the last one.
+    assert kube.scaled == [1]
+    assert all(s["autoscaling"]["desiredReplicas"] >= 1 for s in kube.statuses)
+    assert ("Normal", "ScaledDown") in [e[:2] for e in kube.events]
+
+
+def test_replicas_outside_the_bounds_are_clamped_even_without_metrics() -> None:
+    autoscaler, source, kube, _ = make()
+    source.script = [MetricsUnavailable("down")]
+    tick(autoscaler, deployment(5, maxReplicas=2))
+    assert kube.scaled == [2]
+    assert kube.statuses[-1]["autoscaling"]["reason"] == "clamp_max"
+
+
+def test_autoscaling_off_leaves_replicas_alone_and_says_so_once() -> None:
+    autoscaler, source, kube, _ = make()
+    owned = {"autoscaling": {"managesReplicas": True, "desiredReplicas": 2}}
+    tick(autoscaler, deployment(4, status=owned, enabled=False))
+    tick(autoscaler, deployment(4, enabled=False))
+    assert source.reads == 0
+    assert kube.scaled == []
+    (status,) = kube.statuses
+    assert status["autoscaling"]["managesReplicas"] is False
+    assert status["autoscaling"]["message"] == OFF_MESSAGE
+    assert status["autoscaling"]["desiredReplicas"] is None
+
+
+def test_sd_document_is_the_format_prometheus_reads() -> None:
+    # The ingress answers with a JSON list of target groups; the operator reads it back.
+    document = json.loads('[{"targets": ["10.0.0.1:9001"], "labels": {"namespace": "llm"}}]')
+    assert parse_targets(document) == ["10.0.0.1:9001"]
+    with pytest.raises(TypeError):
+        parse_targets({"targets": []})
