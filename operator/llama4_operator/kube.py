@@ -13,6 +13,7 @@ retried later with a delay) or `PermanentError` (a request the API server will n
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Protocol, TypeVar, cast
 
@@ -434,21 +435,18 @@ class Kube:
 
         return await _call(f"prune children of {namespace}/{owner}", run)
 
+    def _list_items(self, api_version: str, kind: str, **query: Any) -> list[dict[str, Any]]:
+        """Every object of a kind, cluster-wide, as plain JSON (blocking). The dynamic client's
+        ResourceInstance wrapping costs more than the request on a list of 1,000 nodes."""
+        response = self._client().get(self._resource(api_version, kind), serialize=False, **query)
+        items: list[dict[str, Any]] = json.loads(response.data).get("items") or []
+        return items
+
     async def gpu_nodes(self, owner_namespace: str, owner: str) -> list[GpuNode]:
         def run() -> list[GpuNode]:
-            nodes = self._client().get(self._resource("v1", "Node")).to_dict().get("items", [])
-            pods = (
-                self._client()
-                .get(self._resource("v1", "Pod"), field_selector="spec.nodeName!=")
-                .to_dict()
-                .get("items", [])
-            )
-            deployments = (
-                self._client()
-                .get(self._resource(f"{GROUP}/{VERSION}", KIND))
-                .to_dict()
-                .get("items", [])
-            )
+            nodes = self._list_items("v1", "Node")
+            pods = self._list_items("v1", "Pod", field_selector="spec.nodeName!=")
+            deployments = self._list_items(f"{GROUP}/{VERSION}", KIND)
             used = gpus_used_by_others(pods, deployments, owner_namespace, owner)
             found = (gpu_node_from(n, used.get(n["metadata"]["name"], 0)) for n in nodes)
             return [n for n in found if n is not None]

@@ -3,6 +3,7 @@ all call it): validate, plan and render, apply, prune, read health, write status
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -146,8 +147,8 @@ class Reconciler:
             metrics.FIT_FAILURES.inc()
             logger.info("does not fit: %s", state.fit.message)
         try:
-            for child in state.children:
-                await self.kube.apply(child)
+            # Independent objects: applied together, as the reconcile holds the planning lock.
+            await asyncio.gather(*(self.kube.apply(child) for child in state.children))
             if self.dashboard is not None:
                 await self._sync_external(owner, state)
         except kopf.PermanentError as error:
@@ -163,12 +164,14 @@ class Reconciler:
             )
             raise
         keep = {(c["kind"], c["metadata"]["name"]) for c in state.children}
-        removed = await self.kube.prune_children(owner.namespace, owner.name, owner.uid, keep)
+        removed, health = await asyncio.gather(
+            self.kube.prune_children(owner.namespace, owner.name, owner.uid, keep),
+            self._health(owner, state),
+        )
         if removed:
             self.kube.post_event(
                 body, "Normal", "ChildrenRemoved", "removed " + ", ".join(sorted(removed))
             )
-        health = await self._health(owner, state)
         conditions = deployment_conditions(state, health)
         await self._write(
             body,
