@@ -97,6 +97,7 @@ class OperatorProcess:
     metrics_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    extra_args: tuple[str, ...] = ()  # e.g. ("--peering=NAME", "--peering-priority=100")
 
     def start(self) -> None:
         self.starts += 1
@@ -109,6 +110,7 @@ class OperatorProcess:
                 f"--kubeconfig={self.kubeconfig}",
                 f"--metrics-port={self.metrics_port}",
                 "--resync-interval=3",
+                *self.extra_args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

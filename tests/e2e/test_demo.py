@@ -1,49 +1,113 @@
 """The README's main job, `llama4ctl dev demo`, as a user runs it (detached, so the test can
-look around and then stop it the way the README says)."""
+look around and then stop it the way the README says): the tiny model answers OpenAI requests
+through the endpoint the demo printed, the operator reports it Ready and placed, Prometheus
+scrapes the operator, and `cluster down` leaves no process behind, Ray's included."""
 
 from __future__ import annotations
 
 import json
+import os
 import uuid
+from pathlib import Path
 
 import pytest
+from openai import OpenAI
 
-from llama4_operator.devenv.cluster import ClusterConfig, LocalCluster
-from support import llama4ctl
+from llama4_operator.devenv.cluster import CLUSTER_ENV, ClusterConfig, LocalCluster
+from llama4_operator.devenv.demo import NAMESPACE, SUMMARY_FILE
+from llama4_operator.devenv.local_prometheus import target_health
+from llama4_operator.devenv.local_ray import RayClusterStarter
+from support import llama4ctl, wait_for
 
 pytestmark = pytest.mark.cluster
 
+RAY_PROCESS_NAMES = ("raylet", "gcs_server", "ray start", "ray::", "dashboard")
 
-def test_demo_places_the_samples_and_stops_cleanly() -> None:
+
+def _processes() -> dict[int, tuple[str, Path, bytes]]:
+    """pid -> (command line, working directory, environment) of every readable process."""
+    found: dict[int, tuple[str, Path, bytes]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            environment = (entry / "environ").read_bytes()
+            cwd = (entry / "cwd").resolve()
+        except OSError:
+            continue
+        found[int(entry.name)] = (command, cwd, environment)
+    return found
+
+
+def _started_by(directory: Path) -> dict[int, str]:
+    """Processes of the demo's cluster: started in its state directory, or carrying its mark."""
+    marker = f"{CLUSTER_ENV}={directory}".encode()
+    return {
+        pid: command
+        for pid, (command, cwd, environment) in _processes().items()
+        if cwd == directory.resolve() or marker in environment.split(b"\0")
+    }
+
+
+def test_demo_serves_the_tiny_model_and_stops_cleanly() -> None:
     name = f"demo-{uuid.uuid4().hex[:6]}"
     cluster = LocalCluster(ClusterConfig(name=name))
+    directory = cluster.directory
+    ray_temp_dir = RayClusterStarter(cluster).temp_dir
+    ray_pids: dict[int, str] = {}
     try:
-        demo = llama4ctl("dev", "demo", "--name", name, "--detach")
-        assert demo.returncode == 0, demo.stderr[-3000:]
-        assert "16 simulated GPU nodes Ready" in demo.stderr
-        assert "maverick" in demo.stderr
-        assert "scout" in demo.stderr
-        assert "llama4-operator" in cluster.running_processes()
-        pods = llama4ctl(
-            "dev", "kubectl", "--name", name, "get", "pods", "-n", "llama4-demo", "-o", "json"
+        demo = llama4ctl(
+            "dev", "demo", "--name", name, "--detach", "--load-seconds", "10", timeout_s=840
         )
-        deployments = llama4ctl(
-            "dev", "kubectl", "--name", name, "get", "l4d", "-n", "llama4-demo", "-o", "json"
+        assert demo.returncode == 0, demo.stderr[-4000:]
+        summary = json.loads((directory / SUMMARY_FILE).read_text())
+        base_url = summary["openai_base_url"]
+        assert f"OpenAI base URL: {base_url}" in demo.stderr
+        assert "The answer" in demo.stderr
+        assert "answered" in demo.stderr  # the load's progress line
+
+        client = OpenAI(base_url=base_url, api_key="unused", timeout=120)
+        reply = client.chat.completions.create(
+            model=summary["model"],
+            max_tokens=8,
+            messages=[{"role": "user", "content": "Hello, world!"}],
         )
-        placed_nodes = {
-            worker["node"]
-            for item in json.loads(deployments.stdout)["items"]
-            for replica in item["status"]["placement"]["replicas"]
-            for worker in replica["workers"]
+        assert reply.usage is not None
+        assert reply.usage.completion_tokens > 0
+        assert reply.choices[0].message.content
+
+        listed = llama4ctl(
+            "dev", "kubectl", "--name", name, "get", "l4d", "tiny", "-n", NAMESPACE, "-o", "json"
+        )
+        assert listed.returncode == 0, listed.stderr
+        status = json.loads(listed.stdout)["status"]
+        ready = {c["type"]: c["status"] for c in status["conditions"]}
+        assert ready["Ready"] == "True", status["conditions"]
+        assert status["readyReplicas"] >= 1
+        nodes = {node["name"] for node in cluster.nodes()}
+        placed = [w["node"] for r in status["placement"]["replicas"] for w in r["workers"]]
+        assert placed
+        assert set(placed) <= nodes
+
+        wait_for(
+            lambda: "up" in target_health(summary["prometheus_url"]).get("llama4-operator", []),
+            60,
+            "Prometheus to scrape the operator",
+        )
+        ray_pids = {
+            pid: command
+            for pid, command in _started_by(directory).items()
+            if any(word in command for word in RAY_PROCESS_NAMES)
         }
-        worker_nodes = {
-            pod["spec"]["nodeName"]
-            for pod in json.loads(pods.stdout)["items"]
-            if "worker" in pod["metadata"]["name"] and pod["status"].get("phase") == "Running"
-        }
-        assert worker_nodes == placed_nodes
-        assert len(placed_nodes) == 2  # Maverick on one 8-GPU host, Scout on one GPU of another
+        assert ray_pids, "the demo's Ray processes carry no mark of the cluster"
     finally:
         down = llama4ctl("dev", "cluster", "down", "--name", name)
     assert down.returncode == 0, down.stderr
     assert not cluster.running_processes()
+    assert not _started_by(directory), "processes of the demo outlived `cluster down`"
+    now = _processes()
+    still_running = {pid: cmd for pid, cmd in ray_pids.items() if now.get(pid, ("",))[0] == cmd}
+    assert not still_running, still_running
+    assert not directory.exists()
+    assert not ray_temp_dir.exists()

@@ -207,7 +207,8 @@ def group_gpus(group: Json) -> int:
 def serve_replicas(ray_service: Json) -> int:
     config = yaml.safe_load(ray_service["spec"]["serveConfigV2"])
     (application,) = config["applications"]
-    replicas: int = application["args"]["num_replicas"]
+    (server,) = application["deployments"]  # LLMServer's override: replicas change in place
+    replicas: int = server["num_replicas"]
     return replicas
 
 

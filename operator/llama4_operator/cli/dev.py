@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Sequence
 
 import click
@@ -13,7 +14,7 @@ from rich.table import Table
 
 from llama4_operator.devenv import tools as devtools
 from llama4_operator.devenv.cluster import ClusterConfig, ClusterError, LocalCluster
-from llama4_operator.devenv.demo import Demo, DemoError
+from llama4_operator.devenv.demo import DemoError, PlacementDemo, ServingDemo
 from llama4_operator.devenv.nodes import (
     GPU_MODELS,
     GPU_PRODUCT_LABEL,
@@ -153,34 +154,81 @@ def kubectl_command(name: str, args: tuple[str, ...]) -> None:
 @dev.command("demo")
 @name_option
 @click.option("--detach", is_flag=True, help="Leave it running; stop with `make demo-down`.")
-def demo_command(name: str, detach: bool) -> None:
-    """The local demo: a real control plane with 16 simulated 8-GPU H100 nodes, KubeRay and the
-    operator; applies the Scout and Maverick samples and shows their fit and placement.
+@click.option(
+    "--load-seconds",
+    type=click.FloatRange(min=0),
+    default=45,
+    show_default=True,
+    help="How long to drive load on the endpoint (0: none).",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 64),
+    default=4,
+    show_default=True,
+    help="Concurrent clients while driving load.",
+)
+@click.option(
+    "--placement-only",
+    is_flag=True,
+    help="The model-free demo instead: Scout and Maverick placed on 16 simulated 8-GPU nodes "
+    "through KubeRay (no Ray cluster, no model, no Prometheus).",
+)
+def demo_command(
+    name: str, detach: bool, load_seconds: float, concurrency: int, placement_only: bool
+) -> None:
+    """The local demo: a real control plane with 4 simulated 8-GPU H100 nodes (KWOK) and
+    KubeRay, a real local Ray cluster with fake GPUs, Prometheus, and the operator in
+    external-Ray mode serving the tiny reference model: prints the OpenAI endpoint with curl and
+    openai examples, asks it one question, drives load and shows placement and scaling as they
+    happen.
 
-    Runs in the foreground until Ctrl-C, then stops everything (or --detach).
+    Runs in the foreground until Ctrl-C, then stops everything (or --detach; then
+    `make demo-down`).
     """
-    local = _cluster(name, [NodePool()])
+    local = _cluster(name, [NodePool()] if placement_only else [NodePool(count=4)])
+    if local.running_processes():
+        raise click.ClickException(
+            f"the demo's cluster {name!r} is already running; stop it first with "
+            f"`make demo-down` (llama4ctl dev cluster down --name {name})"
+        )
+    # SIGTERM stops the demo the way Ctrl-C does.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    started = time.monotonic()
     try:
-        if not local.running_processes():
-            local.up()
+        local.up()
         _print_nodes(local)
-        demo = Demo(local, console)
-        demo.start()
-        demo.show(demo.wait_until_placed())
+        if placement_only:
+            placement = PlacementDemo(local, console)
+            placement.start()
+            placement.show(placement.wait_until_placed())
+        else:
+            serving = ServingDemo(
+                local, console, load_seconds=load_seconds, concurrency=concurrency
+            )
+            endpoints = serving.start()
+            serving.show_endpoint(endpoints)
+            console.log(f"first answer {time.monotonic() - started:.0f} s after start")
+            if load_seconds:
+                serving.drive_load(endpoints)
+            serving.show_monitoring(endpoints)
+    except KeyboardInterrupt:
+        console.print("[bold]Interrupted: stopping everything the demo started ...")
+        local.down()
+        raise SystemExit(130) from None
     except (ClusterError, DemoError, devtools.ToolBootstrapError) as error:
         raise click.ClickException(
-            f"{error}\n(stop it with: llama4ctl dev cluster down)"
+            f"{error}\n(logs in {local.directory / 'logs'}; stop it with: make demo-down)"
         ) from error
     _print_env(local)
     if detach:
+        console.print("[bold]Left running; `make demo-down` stops everything.")
         return
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     console.print("[bold]Running; press Ctrl-C to stop everything.")
     try:
-        stop.wait()
+        threading.Event().wait()
     except KeyboardInterrupt:
-        pass
+        console.print("[bold]Stopping everything the demo started ...")
     finally:
         local.down()
 

@@ -18,7 +18,7 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +35,9 @@ from llama4_operator.devenv.nodes import GPU_RESOURCE, SIMULATED_NODE_LABEL, Nod
 LOOPBACK = "127.0.0.1"
 SERVICE_CIDR = "10.96.0.0/16"
 POD_CIDR = "10.244.0.0/16"
+# Every component's environment names its cluster's state directory; children inherit it, so
+# `down` also finds processes that left their process group (Ray's workers, for one).
+CLUSTER_ENV = "LLAMA4_DEVENV_CLUSTER"
 
 
 class ClusterError(RuntimeError):
@@ -386,19 +389,40 @@ class LocalCluster:
             state["ports"][component.name] = port
         self._start(state, component, ready)
 
+    def restart_component(self, name: str, ready: Ready | None = None) -> None:
+        """Stop one running component (SIGKILL, as a crash) and start it again with the same
+        command, ports and state; `ready` defaults to the API server answering /readyz (what
+        every component needs to work again). Used by the reliability tests."""
+        state = self._read_state()
+        recorded = state.get("commands", {}).get(name)
+        pid = self.running_processes().get(name)
+        if recorded is None or pid is None:
+            raise ClusterError(f"{name} is not a running component of cluster {self.config.name!r}")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        while _group_alive(pid):
+            time.sleep(0.05)
+        component = Component(name, list(recorded["command"]), dict(recorded["env"]))
+        self._start(state, component, ready or (lambda: self._api_ready("/readyz")))
+
     def _start(self, state: dict[str, Any], component: Component, ready: Ready) -> None:
         log_path = self.directory / "logs" / f"{component.name}.log"
-        with log_path.open("wb") as log:
+        with log_path.open("ab") as log:
             process = subprocess.Popen(
                 component.command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, **component.env},
+                env={**os.environ, **component.env, CLUSTER_ENV: str(self.directory)},
                 cwd=self.directory,
                 start_new_session=True,  # its own process group: `down` stops its children too
             )
         state["processes"][component.name] = process.pid
+        # Kept so that `restart_component` can run the same command again.
+        state.setdefault("commands", {})[component.name] = {
+            "command": component.command,
+            "env": component.env,
+        }
         self._write_state(state)
         with self.console.status(f"starting {component.name} ..."):
             deadline = time.monotonic() + self.config.start_timeout_s
@@ -498,8 +522,13 @@ class LocalCluster:
             if _pid_alive(pid) and _process_started_from(pid, self.directory)
         }
         _stop_groups(list(ours.values()))
+        strays = _stop_marked(self.directory)
         if ours:
             self.console.log(f"stopped {', '.join(ours)}")
+        if strays:
+            self.console.log(f"stopped {len(strays)} more processes of the cluster: {strays}")
+        for owned in state.get("directories", []):
+            shutil.rmtree(owned, ignore_errors=True)
         leftover = [port for port in state["ports"].values() if port_is_bound(port)]
         if leftover:
             time.sleep(1)  # sockets of just-stopped processes can take a moment to close
@@ -511,6 +540,16 @@ class LocalCluster:
             self._state_file.unlink(missing_ok=True)
         else:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+    def track(
+        self, ports: Mapping[str, int] | None = None, directories: Sequence[Path] = ()
+    ) -> None:
+        """Record more ports that `down` checks are freed, and directories outside the state
+        directory that `down` deletes (Ray's temporary directory, say)."""
+        state = self._read_state()
+        state["ports"].update(ports or {})
+        state.setdefault("directories", []).extend(str(path) for path in directories)
+        self._write_state(state)
 
     def status(self) -> dict[str, Any]:
         running = self.running_processes()
@@ -536,6 +575,48 @@ def _stop_groups(pids: list[int], grace_s: float = 10.0) -> None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL)
         time.sleep(0.05)
+
+
+def _processes_marked(directory: Path) -> list[int]:
+    """Live processes (other than this one) whose environment names this cluster."""
+    marker = f"{CLUSTER_ENV}={directory}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environment = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone, or not ours to read
+        if marker in environment:
+            found.append(int(entry.name))
+    return found
+
+
+def _stop_marked(directory: Path, grace_s: float = 5.0) -> list[int]:
+    """SIGTERM the cluster's processes outside the recorded groups, SIGKILL what outlives the
+    grace period; returns their pids."""
+    strays = _processes_marked(directory)
+    for pid in strays:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while alive := [pid for pid in strays if _pid_alive(pid) and not _is_zombie(pid)]:
+        if time.monotonic() > deadline:
+            for pid in alive:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+    return strays
+
+
+def _is_zombie(pid: int) -> bool:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _group_alive(pgid: int) -> bool:

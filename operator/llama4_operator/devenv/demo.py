@@ -1,8 +1,10 @@
-"""The local demo: the control plane with simulated GPU nodes, the operator, and the sample
-Llama4Deployments, shown as the operator checks their fit and places them.
+"""The local demo: a real control plane with simulated GPU nodes, a real local Ray cluster,
+Prometheus and the operator in external-Ray mode serving the tiny reference model, which answers
+OpenAI requests while the operator places and scales it.
 
 Everything it starts is a component of the local cluster, so `llama4ctl dev cluster down` (or
-Ctrl-C in the foreground) stops all of it.
+Ctrl-C in the foreground) stops all of it. `PlacementDemo` is the earlier, model-free demo: the
+Scout and Maverick samples placed on 16 simulated 8-GPU nodes through KubeRay.
 """
 
 from __future__ import annotations
@@ -10,28 +12,47 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from llama4_operator.devenv import tools as devtools
 from llama4_operator.devenv.cluster import LOOPBACK, Component, LocalCluster, free_port
+from llama4_operator.devenv.local_prometheus import ScrapeTargets, start_prometheus
+from llama4_operator.devenv.local_ray import FAKE_GPU, LocalRay, RayClusterStarter, RayNodes
 
 REPOSITORY = Path(__file__).resolve().parents[3]
 CRD = REPOSITORY / "manifests" / "crd" / "serving.llama4.dev_llama4deployments.yaml"
-SAMPLES = ("scout.yaml", "maverick.yaml")
+TINY_SAMPLE = REPOSITORY / "manifests" / "samples" / "tiny-reference.yaml"
+PLACEMENT_SAMPLES = ("scout.yaml", "maverick.yaml")
 NAMESPACE = "llama4-demo"
+SUMMARY_FILE = "demo.json"  # in the cluster's state directory: what the demo started, for tools
+PROMPT = "Mixture of experts models route each token to"
+QUERIES = (
+    'sum by (job) (up{job=~"llama4-.*|ray"})',
+    "sum by (name) (rate(llama4_generation_tokens_total[1m]))",
+    'llama4_deployment_ready_replicas{namespace="llama4-demo"}',
+)
 
 
 class DemoError(RuntimeError):
     """A demo step failed; the message names it."""
 
 
-class Demo:
+class Kube:
+    """The pinned kubectl against the demo's cluster, and the operator as a cluster component."""
+
     def __init__(self, cluster: LocalCluster, console: Console) -> None:
         self.cluster = cluster
         self.console = console
@@ -50,20 +71,16 @@ class Demo:
             raise DemoError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
         return result.stdout
 
-    def start(self) -> None:
+    def install_crd(self) -> None:
         if not CRD.exists():
             raise DemoError(f"the CRD is missing at {CRD}; run the demo from a checkout")
         self.kubectl("apply", "--server-side", "-f", str(CRD))
         self._wait_established("llama4deployments.serving.llama4.dev")
         self.console.log("[green]✓[/] Llama4Deployment CRD installed")
-        if "llama4-operator" not in self.cluster.running_processes():
-            self._start_operator()
-        namespace = self.kubectl("create", "namespace", NAMESPACE, "--dry-run=client", "-o=json")
-        self.kubectl("apply", "-f", "-", stdin=namespace)
-        for sample in SAMPLES:
-            path = REPOSITORY / "manifests" / "samples" / sample
-            self.kubectl("apply", "-n", NAMESPACE, "-f", str(path))
-            self.console.log(f"applied manifests/samples/{sample} in namespace {NAMESPACE}")
+
+    def create_namespace(self, namespace: str) -> None:
+        manifest = self.kubectl("create", "namespace", namespace, "--dry-run=client", "-o=json")
+        self.kubectl("apply", "-f", "-", stdin=manifest)
 
     def _wait_established(self, crd: str, timeout_s: float = 60) -> None:
         # `kubectl wait` fails outright while the new CRD has no status yet, so poll instead.
@@ -74,8 +91,9 @@ class Demo:
                 raise DemoError(f"CRD {crd} not Established after {timeout_s:.0f} s")
             time.sleep(0.5)
 
-    def _start_operator(self) -> None:
-        port = free_port()
+    def start_operator(self, port: int, *extra_args: str) -> None:
+        """The operator as a local process (a component of the cluster), not a Helm-installed
+        pod: no container image can be built or pulled for the simulated nodes."""
         llama4ctl = str(Path(sys.executable).with_name("llama4ctl"))
         self.cluster.start_component(
             Component(
@@ -87,6 +105,7 @@ class Demo:
                     f"--kubeconfig={self.cluster.kubeconfig}",
                     f"--metrics-port={port}",
                     "--resync-interval=5",
+                    *extra_args,
                 ],
                 env={"PYTHONUNBUFFERED": "1"},
             ),
@@ -95,16 +114,396 @@ class Demo:
         )
         self.console.log(f"operator metrics: http://{LOOPBACK}:{port}/metrics")
 
-    def deployments(self) -> list[dict[str, Any]]:
-        listed: dict[str, Any] = json.loads(self.kubectl("get", "l4d", "-n", NAMESPACE, "-o=json"))
+    def deployments(self, namespace: str = NAMESPACE) -> list[dict[str, Any]]:
+        listed: dict[str, Any] = json.loads(self.kubectl("get", "l4d", "-n", namespace, "-o=json"))
         items: list[dict[str, Any]] = listed["items"]
         return items
+
+
+def tiny_manifest(tokenizer_dir: Path) -> dict[str, Any]:
+    """The tiny sample with its tokenizer where the Ray workers read it, one CPU thread per
+    engine (the machine is small), and autoscaling between 1 and 2 replicas."""
+    manifest: dict[str, Any] = yaml.safe_load(TINY_SAMPLE.read_text())
+    spec = manifest["spec"]
+    spec["model"]["weights"]["tokenizerPath"] = str(tokenizer_dir)
+    spec["engine"].setdefault("extraArgs", {})["torch_threads"] = "1"
+    spec["autoscaling"] = {"enabled": True, "minReplicas": 1, "maxReplicas": 2}
+    return manifest
+
+
+def write_tiny_tokenizer(directory: Path, vocab_size: int) -> None:
+    # Imports torch and transformers: only here, never when the CLI loads.
+    from llama4_serving.tiny import write_tokenizer  # noqa: PLC0415
+
+    write_tokenizer(directory, vocab_size)
+
+
+def deployment_row(item: dict[str, Any]) -> tuple[str, ...]:
+    """What `kubectl get l4d` shows, plus where the replicas were placed."""
+    status = item.get("status") or {}
+    ready = next(
+        (c["status"] for c in status.get("conditions", []) if c.get("type") == "Ready"), ""
+    )
+    replicas = (status.get("placement") or {}).get("replicas") or []
+    nodes = ", ".join(
+        f"{worker['node']} x{worker['gpus']}"
+        for replica in replicas
+        for worker in replica["workers"]
+    )
+    return (
+        item["metadata"]["name"],
+        str(item["spec"].get("replicas", "")),
+        str(status.get("readyReplicas", 0)),
+        f"{float(status.get('tokensPerSecond', 0)):.1f}",
+        ready or "-",
+        nodes or "-",
+    )
+
+
+ROW_HEADER = ("NAME", "REPLICAS", "READY", "TOKENS/S", "READY?", "PLACED ON (node x GPUs)")
+
+
+def format_row(row: tuple[str, ...]) -> str:
+    widths = (10, 9, 6, 9, 7, 0)
+    return "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+
+
+@dataclass
+class LoadStats:
+    sent: int = 0
+    answered: int = 0
+    failed: int = 0
+    tokens: int = 0
+    last_error: str = ""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record(self, tokens: int | None, error: str = "") -> None:
+        with self.lock:
+            self.sent += 1
+            if tokens is None:
+                self.failed += 1
+                self.last_error = error
+            else:
+                self.answered += 1
+                self.tokens += tokens
+
+
+@dataclass(frozen=True)
+class DemoEndpoints:
+    openai_base_url: str
+    model: str
+    prometheus_url: str
+    ray_dashboard_url: str
+    operator_metrics_url: str
+
+    def save(self, directory: Path) -> None:
+        (directory / SUMMARY_FILE).write_text(json.dumps(self.__dict__, indent=2))
+
+
+def chat(base_url: str, model: str, prompt: str, max_tokens: int, timeout_s: float = 120) -> Any:
+    response = httpx.post(
+        f"{base_url}/chat/completions",
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens,
+        },
+        timeout=timeout_s,
+    )
+    response.raise_for_status()
+    return response.json()
+
+
+class ServingDemo:
+    """The demo's steps, each shown as it happens."""
+
+    def __init__(
+        self,
+        cluster: LocalCluster,
+        console: Console,
+        *,
+        load_seconds: float = 45,
+        concurrency: int = 4,
+        ray_nodes: RayNodes | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self.console = console
+        self.kube = Kube(cluster, console)
+        self.load_seconds = load_seconds
+        self.concurrency = concurrency
+        self.ray_nodes = ray_nodes or RayNodes()
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def start(self) -> DemoEndpoints:
+        self.console.rule("Ray: a head and fake-GPU worker raylets")
+        ray = RayClusterStarter(self.cluster, self.ray_nodes).start()
+        self.console.log(f"Ray dashboard: {ray.dashboard_url}")
+        self.console.rule("The operator, in external-Ray mode, and Prometheus")
+        self.kube.install_crd()
+        self.kube.create_namespace(NAMESPACE)
+        operator_port = free_port()
+        prometheus_url = start_prometheus(
+            self.cluster,
+            ScrapeTargets(
+                operator=f"{LOOPBACK}:{operator_port}",
+                serve_url=ray.serve_url,
+                namespace=NAMESPACE,
+                ray_discovery_file=ray.metrics_discovery_file,
+            ),
+        )
+        self.console.log(f"Prometheus: {prometheus_url}")
+        self.kube.start_operator(operator_port, *self._operator_args(ray, prometheus_url))
+        self.console.rule("The tiny Llama 4 reference model")
+        model = self._apply_tiny()
+        endpoints = DemoEndpoints(
+            openai_base_url=f"{ray.serve_url}/{NAMESPACE}/{model['metadata']['name']}/v1",
+            model=str(model["spec"]["model"]["servedModelName"]),
+            prometheus_url=prometheus_url,
+            ray_dashboard_url=ray.dashboard_url,
+            operator_metrics_url=f"http://{LOOPBACK}:{operator_port}/metrics",
+        )
+        endpoints.save(self.cluster.directory)
+        self._wait_ready(str(model["metadata"]["name"]), endpoints)
+        return endpoints
+
+    @staticmethod
+    def _operator_args(ray: LocalRay, prometheus_url: str) -> list[str]:
+        return [
+            f"--external-ray-dashboard={ray.dashboard_url}",
+            f"--ray-accelerator-resource={FAKE_GPU}",
+            f"--prometheus-url={prometheus_url}",  # the autoscaler reads token rates there
+        ]
+
+    def _apply_tiny(self) -> dict[str, Any]:
+        tokenizer_dir = self.cluster.directory / "tiny-tokenizer"
+        with self.console.status("writing the tiny model's tokenizer (loads torch) ..."):
+            manifest = tiny_manifest(tokenizer_dir)
+            vocab = int(manifest["spec"]["model"]["architecture"]["vocabSize"])
+            write_tiny_tokenizer(tokenizer_dir, vocab)
+        self.console.log(f"[green]✓[/] tokenizer written to {tokenizer_dir}")
+        self.kube.kubectl("apply", "-n", NAMESPACE, "-f", "-", stdin=yaml.safe_dump(manifest))
+        self.console.log(
+            f"applied manifests/samples/tiny-reference.yaml in namespace {NAMESPACE} "
+            "(tokenizerPath patched, autoscaling 1..2 replicas)"
+        )
+        return manifest
+
+    def _wait_ready(self, name: str, endpoints: DemoEndpoints, timeout_s: float = 600) -> None:
+        """Until the deployment is Ready and answers; shows each change of its row."""
+        deadline = time.monotonic() + timeout_s
+        self.console.print(format_row(ROW_HEADER))
+        last: tuple[str, ...] = ()
+        with self.console.status(
+            "the operator checks the fit, places the replica and deploys it "
+            "to Ray Serve; the replica loads the model ..."
+        ) as status:
+            while time.monotonic() < deadline:
+                items = [i for i in self.kube.deployments() if i["metadata"]["name"] == name]
+                if items:
+                    row = deployment_row(items[0])
+                    if row != last:
+                        self.console.print(format_row(row))
+                        last = row
+                    if row[4] == "True" and self._answers(endpoints):
+                        self.console.log(f"[green]✓[/] {name} is Ready")
+                        return
+                    status.update(_waiting_message(items[0]))
+                time.sleep(1)
+        raise DemoError(
+            f"{name} was not Ready within {timeout_s:.0f} s; see "
+            f"{self.cluster.directory / 'logs' / 'llama4-operator.log'} and Ray's logs in "
+            f"{RayClusterStarter(self.cluster).temp_dir / 'session_latest' / 'logs'}"
+        )
+
+    @staticmethod
+    def _answers(endpoints: DemoEndpoints) -> bool:
+        try:
+            return httpx.get(f"{endpoints.openai_base_url}/models", timeout=5).is_success
+        except httpx.HTTPError:
+            return False
+
+    # -- the show ----------------------------------------------------------------------------
+
+    def show_endpoint(self, endpoints: DemoEndpoints) -> None:
+        base, model = endpoints.openai_base_url, endpoints.model
+        self.console.rule("The OpenAI-compatible endpoint")
+        self.console.print(f"[bold]OpenAI base URL:[/] {base}   [bold]model:[/] {model}\n")
+        body = json.dumps(
+            {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 24}
+        )
+        self.console.print(
+            f"curl -s {base}/chat/completions -H 'Content-Type: application/json' \\\n"
+            f"  -d '{body}'\n",
+            markup=False,
+            highlight=False,
+        )
+        self.console.print(
+            "from openai import OpenAI\n"
+            f'client = OpenAI(base_url="{base}", api_key="unused")\n'
+            f"reply = client.chat.completions.create(model={model!r}, max_tokens=24,\n"
+            f'    messages=[{{"role": "user", "content": {PROMPT!r}}}])\n'
+            "print(reply.choices[0].message.content)\n",
+            markup=False,
+            highlight=False,
+        )
+        started = time.monotonic()
+        answer = self._ask_with_openai(base, model)
+        self.console.print(
+            f"[bold]The answer[/] ({time.monotonic() - started:.1f} s; random weights, so the "
+            f"words are arbitrary but every token came out of the model's forward pass):"
+        )
+        self.console.print(repr(answer), markup=False)
+
+    @staticmethod
+    def _ask_with_openai(base_url: str, model: str) -> str:
+        try:
+            from openai import OpenAI  # noqa: PLC0415  (a dev extra; httpx does the same)
+        except ImportError:
+            reply = chat(base_url, model, PROMPT, 24)
+            return str(reply["choices"][0]["message"]["content"])
+        client = OpenAI(base_url=base_url, api_key="unused", timeout=120)
+        completion = client.chat.completions.create(
+            model=model, max_tokens=24, messages=[{"role": "user", "content": PROMPT}]
+        )
+        return completion.choices[0].message.content or ""
+
+    def drive_load(self, endpoints: DemoEndpoints) -> LoadStats:
+        """`concurrency` clients send chat requests for `load_seconds` while the deployment's
+        row is printed whenever it changes (replicas, readiness, tokens/s, placement)."""
+        self.console.rule(
+            f"Load: {self.concurrency} concurrent clients for {self.load_seconds:.0f} s"
+        )
+        stats = LoadStats()
+        stop = threading.Event()
+        self.console.print(format_row(ROW_HEADER))
+        progress = Progress(
+            TextColumn("[bold]load"),
+            BarColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[summary]}"),
+            console=self.console,
+        )
+        with progress, self._clients(endpoints, stats, stop):
+            task = progress.add_task("load", total=self.load_seconds, summary="")
+            started = time.monotonic()
+            last: dict[str, tuple[str, ...]] = {}
+            while (elapsed := time.monotonic() - started) < self.load_seconds:
+                for item in self.kube.deployments():
+                    row = deployment_row(item)
+                    if last.get(row[0]) != row:
+                        progress.console.print(format_row(row))
+                        last[row[0]] = row
+                with stats.lock:
+                    summary = (
+                        f"{stats.answered} answered, {stats.failed} failed, "
+                        f"{stats.tokens / max(elapsed, 1e-3):.1f} tokens/s"
+                    )
+                progress.update(task, completed=elapsed, summary=summary)
+                time.sleep(1)
+            stop.set()
+            progress.update(task, completed=self.load_seconds)
+        if stats.failed:
+            self.console.print(f"[yellow]last error: {stats.last_error}")
+        return stats
+
+    @contextmanager
+    def _clients(
+        self, endpoints: DemoEndpoints, stats: LoadStats, stop: threading.Event
+    ) -> Iterator[None]:
+        def client(index: int) -> None:
+            prompts = ("Hello, world!", PROMPT, "Kubernetes operators reconcile", "Ray Serve")
+            with httpx.Client(timeout=120) as http:
+                while not stop.is_set():
+                    try:
+                        response = http.post(
+                            f"{endpoints.openai_base_url}/chat/completions",
+                            json={
+                                "model": endpoints.model,
+                                "messages": [
+                                    {"role": "user", "content": prompts[index % len(prompts)]}
+                                ],
+                                "max_tokens": 32,
+                            },
+                        )
+                        response.raise_for_status()
+                        stats.record(int(response.json()["usage"]["completion_tokens"]))
+                    except (httpx.HTTPError, KeyError, ValueError) as error:
+                        stats.record(None, f"{type(error).__name__}: {error}")
+                        stop.wait(1)
+
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            for index in range(self.concurrency):
+                pool.submit(client, index)
+            try:
+                yield
+            finally:
+                stop.set()
+
+    def show_monitoring(self, endpoints: DemoEndpoints) -> None:
+        url = endpoints.prometheus_url
+        self.console.rule("Prometheus")
+        self.console.print(f"Prometheus: {url}  (targets: {url}/targets, rules: {url}/rules)")
+        table = Table("PromQL", "now", title="a few queries")
+        for query in QUERIES:
+            table.add_row(query, _query(url, query))
+        self.console.print(table)
+        self.console.print(
+            f"Ray dashboard: {endpoints.ray_dashboard_url}   "
+            f"operator metrics: {endpoints.operator_metrics_url}\n"
+            f"Watch:  .venv/bin/llama4ctl dev kubectl get l4d -n {NAMESPACE} -w\n"
+            f"Scale:  .venv/bin/llama4ctl dev kubectl scale l4d/tiny -n {NAMESPACE} --replicas=2"
+            "  (autoscaling owns spec.replicas while enabled)"
+        )
+
+
+def _waiting_message(item: dict[str, Any]) -> str:
+    conditions = (item.get("status") or {}).get("conditions") or []
+    pending = [c for c in conditions if c.get("status") != "True" and c.get("message")]
+    detail = pending[0]["message"] if pending else "waiting for the operator"
+    return f"waiting for tiny to be Ready: {detail[:120]}"
+
+
+def _query(prometheus_url: str, query: str) -> str:
+    try:
+        response = httpx.get(f"{prometheus_url}/api/v1/query", params={"query": query}, timeout=5)
+        results = response.json()["data"]["result"]
+    except (httpx.HTTPError, KeyError, ValueError) as error:
+        return f"({type(error).__name__})"
+    if not results:
+        return "(no data yet)"
+    return ", ".join(f"{_labels(r['metric'])}={float(r['value'][1]):.3g}" for r in results[:4])
+
+
+def _labels(metric: dict[str, str]) -> str:
+    shown = {k: v for k, v in metric.items() if k != "__name__"}
+    return "{" + ",".join(f"{k}={v}" for k, v in shown.items()) + "}"
+
+
+class PlacementDemo:
+    """The model-free demo: Scout and Maverick placed on 16 simulated 8-GPU nodes, with the pods
+    KubeRay makes on exactly those nodes (KWOK runs no containers)."""
+
+    def __init__(self, cluster: LocalCluster, console: Console) -> None:
+        self.cluster = cluster
+        self.console = console
+        self.kube = Kube(cluster, console)
+
+    def start(self) -> None:
+        self.kube.install_crd()
+        if "llama4-operator" not in self.cluster.running_processes():
+            self.kube.start_operator(free_port())
+        self.kube.create_namespace(NAMESPACE)
+        for sample in PLACEMENT_SAMPLES:
+            path = REPOSITORY / "manifests" / "samples" / sample
+            self.kube.kubectl("apply", "-n", NAMESPACE, "-f", str(path))
+            self.console.log(f"applied manifests/samples/{sample} in namespace {NAMESPACE}")
 
     def wait_until_placed(self, timeout_s: float = 120) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout_s
         with self.console.status("waiting for the operator to check fit and place replicas ..."):
             while time.monotonic() < deadline:
-                items = self.deployments()
+                items = self.kube.deployments()
                 if items and all(item.get("status", {}).get("placement") for item in items):
                     return items
                 time.sleep(1)
@@ -122,7 +521,7 @@ class Demo:
         deadline = time.monotonic() + timeout_s
         with self.console.status(f"waiting for KubeRay's {expected} pods ...") as status:
             while time.monotonic() < deadline:
-                pods = json.loads(self.kubectl("get", "pods", "-n", NAMESPACE, "-o=json"))
+                pods = json.loads(self.kube.kubectl("get", "pods", "-n", NAMESPACE, "-o=json"))
                 running = sum(p["status"].get("phase") == "Running" for p in pods["items"])
                 status.update(f"waiting for KubeRay's pods: {running}/{expected} running")
                 if running >= expected:
@@ -131,7 +530,7 @@ class Demo:
         self.console.log(f"[yellow]KubeRay has not made all {expected} pods yet")
 
     def show(self, items: list[dict[str, Any]]) -> None:
-        self.console.print(self.kubectl("get", "l4d", "-n", NAMESPACE))
+        self.console.print(self.kube.kubectl("get", "l4d", "-n", NAMESPACE))
         table = Table("deployment", "fit", "GPUs / replica", "replica", "workers (node x GPUs)")
         for item in items:
             status = item["status"]
@@ -153,7 +552,7 @@ class Demo:
         self.console.print(
             "\nPods KubeRay made, on the nodes the placement chose (KWOK runs no containers):"
         )
-        self.console.print(self.kubectl("get", "pods", "-n", NAMESPACE, "-o", "wide"))
+        self.console.print(self.kube.kubectl("get", "pods", "-n", NAMESPACE, "-o", "wide"))
         self.console.print(
             f"Watch:  .venv/bin/llama4ctl dev kubectl get l4d -n {NAMESPACE} -w\n"
             f"Scale:  .venv/bin/llama4ctl dev kubectl scale l4d/maverick -n {NAMESPACE} "

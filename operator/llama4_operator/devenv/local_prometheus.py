@@ -1,0 +1,120 @@
+"""A real Prometheus (the distribution's package) for the demo, as a LocalCluster component.
+
+It scrapes the operator (job `llama4-operator`, which the project's rules select), the serving
+replicas found through the Serve app's HTTP service discovery (`<serve url>/-/metrics/targets`,
+Prometheus' http_sd JSON of the live replicas' metrics ports), and Ray's own node metrics through
+the file Ray writes for service discovery. It evaluates the project's rules in monitoring/rules.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from llama4_operator.devenv.cluster import (
+    LOOPBACK,
+    ClusterError,
+    Component,
+    LocalCluster,
+    free_port,
+)
+
+RULES_DIR = Path(__file__).resolve().parents[3] / "monitoring" / "rules"
+SERVING_TARGETS_PATH = "/-/metrics/targets"
+SCRAPE_INTERVAL = "5s"
+
+
+@dataclass(frozen=True)
+class ScrapeTargets:
+    operator: str  # host:port of the operator's /metrics
+    serve_url: str  # the Serve HTTP proxy, whose app lists the replicas' metrics ports
+    namespace: str  # what prometheus-operator would add as `namespace` to the serving series
+    ray_discovery_file: Path | None = None
+
+
+def prometheus_binary() -> str:
+    found = shutil.which("prometheus") or (
+        "/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None
+    )
+    if found is None:
+        raise ClusterError(
+            "prometheus is not installed; run `make system-deps` (Debian's prometheus package)"
+        )
+    return found
+
+
+def prometheus_config(targets: ScrapeTargets, rule_files: list[Path]) -> dict[str, Any]:
+    # Replicas may label their targets with their namespace already; fill it in where not.
+    serving_labels = [
+        {
+            "source_labels": ["namespace"],
+            "regex": "",
+            "target_label": "namespace",
+            "replacement": targets.namespace,
+        },
+    ]
+    jobs: list[dict[str, Any]] = [
+        {
+            "job_name": "llama4-operator",
+            "static_configs": [{"targets": [targets.operator]}],
+        },
+        {
+            "job_name": "llama4-serving",
+            "http_sd_configs": [
+                {"url": f"{targets.serve_url}{SERVING_TARGETS_PATH}", "refresh_interval": "10s"}
+            ],
+            "relabel_configs": serving_labels,
+        },
+    ]
+    if targets.ray_discovery_file is not None:
+        jobs.append(
+            {
+                "job_name": "ray",
+                "file_sd_configs": [{"files": [str(targets.ray_discovery_file)]}],
+            }
+        )
+    return {
+        "global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": SCRAPE_INTERVAL},
+        "rule_files": [str(path) for path in rule_files],
+        "scrape_configs": jobs,
+    }
+
+
+def start_prometheus(cluster: LocalCluster, targets: ScrapeTargets) -> str:
+    """Start Prometheus as a component of `cluster`; returns its URL."""
+    binary = prometheus_binary()
+    port = free_port()
+    config_path = cluster.directory / "prometheus.yml"
+    rules = sorted(RULES_DIR.glob("*.yaml"))
+    config_path.write_text(yaml.safe_dump(prometheus_config(targets, rules), sort_keys=False))
+    url = f"http://{LOOPBACK}:{port}"
+    cluster.start_component(
+        Component(
+            "prometheus",
+            [
+                binary,
+                f"--config.file={config_path}",
+                f"--storage.tsdb.path={cluster.directory / 'prometheus-data'}",
+                f"--web.listen-address={LOOPBACK}:{port}",
+                "--storage.tsdb.retention.time=1d",
+            ],
+        ),
+        ready=lambda: httpx.get(f"{url}/-/ready", timeout=2).status_code == 200,
+        port=port,
+    )
+    return url
+
+
+def target_health(url: str) -> dict[str, list[str]]:
+    """Job -> health of each active target ("up", "down", "unknown")."""
+    response = httpx.get(f"{url}/api/v1/targets", params={"state": "active"}, timeout=10)
+    response.raise_for_status()
+    health: dict[str, list[str]] = {}
+    for target in response.json()["data"]["activeTargets"]:
+        health.setdefault(target["labels"].get("job", ""), []).append(target["health"])
+    return health
