@@ -68,14 +68,7 @@ class OperatorConfig:
             ) from error
         if resync < 1:
             raise ConfigError(f"{ENV_RESYNC} must be at least 1 second, got {resync}")
-        dashboard = env.get(ENV_EXTERNAL_RAY) or None
-        if dashboard and not dashboard.startswith(("http://", "https://")):
-            raise ConfigError(
-                f"{ENV_EXTERNAL_RAY} must be an http(s) URL such as http://ray-head:8265, "
-                f"got {dashboard!r}"
-            )
-        rebalance_tick = _rebalance_tick(env)
-        prometheus_url, autoscale_interval = _autoscale_settings(env)
+        dashboard = _url(env, ENV_EXTERNAL_RAY, "http://ray-head:8265", "")
         return cls(
             image=env.get(ENV_IMAGE) or DEFAULT_IMAGE,
             ray_version=env.get(ENV_RAY_VERSION) or _default_ray_version(),
@@ -85,39 +78,35 @@ class OperatorConfig:
             kubeconfig=env.get(ENV_KUBECONFIG) or None,
             peering=env.get(ENV_PEERING) or None,
             accelerator_resource=env.get(ENV_ACCELERATOR) or "GPU",
-            rebalance_tick_s=rebalance_tick,
-            prometheus_url=prometheus_url,
-            autoscale_interval_s=autoscale_interval,
+            rebalance_tick_s=_seconds(env, ENV_REBALANCE_TICK, DEFAULT_REBALANCE_TICK_S),
+            prometheus_url=_url(
+                env,
+                ENV_PROMETHEUS_URL,
+                "http://prometheus:9090",
+                ", or empty to read the replicas directly",
+            ),
+            autoscale_interval_s=_seconds(
+                env, ENV_AUTOSCALE_INTERVAL, DEFAULT_AUTOSCALE_INTERVAL_S
+            ),
         )
 
 
-def _rebalance_tick(env: Mapping[str, str]) -> float:
-    text = env.get(ENV_REBALANCE_TICK) or str(DEFAULT_REBALANCE_TICK_S)
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    """A period in seconds, at least 1, from the environment variable `name`."""
+    text = env.get(name) or str(default)
     try:
-        tick = float(text)
+        seconds = float(text)
     except ValueError as error:
-        raise ConfigError(
-            f"{ENV_REBALANCE_TICK} must be a number of seconds, got {text!r}"
-        ) from error
-    if tick < 1:
-        raise ConfigError(f"{ENV_REBALANCE_TICK} must be at least 1 second, got {tick}")
-    return tick
+        raise ConfigError(f"{name} must be a number of seconds, got {text!r}") from error
+    if seconds < 1:
+        raise ConfigError(f"{name} must be at least 1 second, got {seconds}")
+    return seconds
 
 
-def _autoscale_settings(env: Mapping[str, str]) -> tuple[str | None, float]:
-    prometheus = env.get(ENV_PROMETHEUS_URL) or None
-    if prometheus and not prometheus.startswith(("http://", "https://")):
+def _url(env: Mapping[str, str], name: str, example: str, when_empty: str) -> str | None:
+    url = env.get(name) or None
+    if url and not url.startswith(("http://", "https://")):
         raise ConfigError(
-            f"{ENV_PROMETHEUS_URL} must be an http(s) URL such as http://prometheus:9090, "
-            f"or empty to read the replicas directly; got {prometheus!r}"
+            f"{name} must be an http(s) URL such as {example}{when_empty}; got {url!r}"
         )
-    text = env.get(ENV_AUTOSCALE_INTERVAL) or str(DEFAULT_AUTOSCALE_INTERVAL_S)
-    try:
-        interval = float(text)
-    except ValueError as error:
-        raise ConfigError(
-            f"{ENV_AUTOSCALE_INTERVAL} must be a number of seconds, got {text!r}"
-        ) from error
-    if interval < 1:
-        raise ConfigError(f"{ENV_AUTOSCALE_INTERVAL} must be at least 1 second, got {interval}")
-    return prometheus, interval
+    return url

@@ -16,30 +16,10 @@ results, far slower).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, TypeVar, cast
-
 import numpy as np
-import numpy.typing as npt
 
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-try:
-    from numba import njit as _numba_njit  # type: ignore[import-not-found, unused-ignore]
-
-    def _compiled(function: _F) -> _F:
-        return cast(_F, _numba_njit(cache=True, nogil=True)(function))
-
-    COMPILED = True
-except ImportError:  # pragma: no cover - exercised only without numba
-
-    def _compiled(function: _F) -> _F:
-        return function
-
-    COMPILED = False
-
-FloatArray = npt.NDArray[np.float64]
-IntArray = npt.NDArray[np.int64]
+from llama4_operator.planners.compiled import FloatArray, IntArray
+from llama4_operator.planners.compiled import compiled as _compiled
 
 _SWAP, _REPLACE = 0, 1
 

@@ -20,34 +20,14 @@ The hot loop is compiled with numba when it is installed and runs as plain Pytho
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
 
 import numpy as np
-import numpy.typing as npt
 
+from llama4_operator.planners.compiled import FloatArray, IntArray
+from llama4_operator.planners.compiled import compiled as _compiled
 from llama4_operator.simulator.model import ReplicaModel
 from llama4_operator.simulator.traces import Trace
-
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-try:
-    from numba import njit as _numba_njit  # type: ignore[import-not-found, unused-ignore]
-
-    def _compiled(function: _F) -> _F:
-        return cast(_F, _numba_njit(cache=True, nogil=True)(function))
-
-    COMPILED = True
-except ImportError:  # pragma: no cover - exercised only without numba
-
-    def _compiled(function: _F) -> _F:
-        return function
-
-    COMPILED = False
-
-FloatArray = npt.NDArray[np.float64]
-IntArray = npt.NDArray[np.int64]
 
 OFF, STARTING, READY, DRAINING = 0, 1, 2, 3
 
