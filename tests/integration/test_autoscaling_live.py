@@ -47,7 +47,8 @@ RAY_ENV = {
 }
 NAMESPACE = "autoscale-live"
 NAME = "tiny"
-MODEL = "tiny-llama4"
+# Served under the resource's name: the cost panel joins operator and serving series on `name`.
+MODEL = NAME
 OWNER = Owner(name=NAME, namespace=NAMESPACE, uid="-")
 APP = external_app_name(OWNER)
 PREFIX = external_route_prefix(OWNER)
@@ -126,6 +127,7 @@ def deployment(tokenizer: Path) -> dict[str, Any]:
     document["metadata"] = {"name": NAME, "namespace": NAMESPACE}
     spec = document["spec"]
     spec["model"]["weights"]["tokenizerPath"] = str(tokenizer)
+    spec["model"]["servedModelName"] = MODEL
     spec["engine"]["extraArgs"] = {"replica_num_cpus": "0.5", "torch_threads": "1"}
     spec["replicas"] = 1
     spec["autoscaling"] = {
@@ -206,7 +208,7 @@ def dashboard_queries() -> list[str]:
     variables = {
         "$__rate_interval": "1m",
         "$namespace": NAMESPACE,
-        "$deployment": f"{NAME}|{MODEL}",
+        "$deployment": NAME,
         "$gpu_hour_price": "2.5",
     }
     found = []

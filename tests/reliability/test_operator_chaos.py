@@ -186,7 +186,7 @@ def test_two_peered_replicas_one_acts_and_the_other_takes_over(
             replica.start()
         wait_for(
             lambda: "Pausing operations in favour of" in standby.log(),
-            60,
+            180,  # two operators starting at once on 2 busy cores: start-up alone can take 60 s
             "the lower-priority replica to pause in favour of the leader",
         )
         names = create_fleet(api, namespace)

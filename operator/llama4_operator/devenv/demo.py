@@ -122,12 +122,20 @@ class Kube:
 
 def tiny_manifest(tokenizer_dir: Path) -> dict[str, Any]:
     """The tiny sample with its tokenizer where the Ray workers read it, one CPU thread per
-    engine (the machine is small), and autoscaling between 1 and 2 replicas."""
+    engine (the machine is small), and autoscaling between 1 and 2 replicas with a per-replica
+    target low enough (10 tokens/s) that the demo's load scales it up while you watch."""
     manifest: dict[str, Any] = yaml.safe_load(TINY_SAMPLE.read_text())
     spec = manifest["spec"]
     spec["model"]["weights"]["tokenizerPath"] = str(tokenizer_dir)
     spec["engine"].setdefault("extraArgs", {})["torch_threads"] = "1"
-    spec["autoscaling"] = {"enabled": True, "minReplicas": 1, "maxReplicas": 2}
+    spec["autoscaling"] = {
+        "enabled": True,
+        "minReplicas": 1,
+        "maxReplicas": 2,
+        "targetTokensPerSecond": 10,
+        "coldStartSeconds": 15,
+        "scaleDownDelaySeconds": 60,
+    }
     return manifest
 
 
@@ -285,7 +293,7 @@ class ServingDemo:
         self.kube.kubectl("apply", "-n", NAMESPACE, "-f", "-", stdin=yaml.safe_dump(manifest))
         self.console.log(
             f"applied manifests/samples/tiny-reference.yaml in namespace {NAMESPACE} "
-            "(tokenizerPath patched, autoscaling 1..2 replicas)"
+            "(tokenizerPath patched, autoscaling 1..2 replicas at 10 tokens/s each)"
         )
         return manifest
 
