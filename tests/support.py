@@ -58,6 +58,16 @@ class Kubectl:
             raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr}")
         return result.stdout if check else result.stdout + result.stderr
 
+    def wait_established(self, crd: str, timeout_s: float = 60) -> None:
+        """Poll until the CRD serves its kind (`kubectl wait` fails outright while a new CRD
+        has no conditions yet, so the jsonpath is read with check=False)."""
+        established = '-o=jsonpath={.status.conditions[?(@.type=="Established")].status}'
+        wait_for(
+            lambda: self.run("get", "crd", crd, established, check=False) == "True",
+            timeout_s,
+            f"the CRD {crd} to be Established",
+        )
+
     def apply(self, manifest: dict[str, Any] | str, namespace: str, check: bool = True) -> str:
         text = manifest if isinstance(manifest, str) else yaml.safe_dump(manifest)
         return self.run("apply", "-n", namespace, "-f", "-", input=text, check=check)

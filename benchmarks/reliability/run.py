@@ -353,7 +353,8 @@ def run_chaos(
     restarted = time.monotonic()
     names = [m["metadata"]["name"] for m in deployments]
     done = watcher.wait_all(names, timeout_s=600)
-    converged = max(watcher.reconciled_at.get(n, restarted) for n in names) - restarted
+    # 0 when every deployment was already reconciled before the last restart.
+    converged = max(0.0, max(watcher.reconciled_at.get(n, restarted) for n in names) - restarted)
     duplicates, missing = audit(api_client, names)
     return ChaosResult(kills, converged if done else None, duplicates, missing)
 

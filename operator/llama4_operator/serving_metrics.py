@@ -60,6 +60,17 @@ class DeploymentTarget:
     endpoint: str
     """status.endpoint (OpenAI base URL); the direct source discovers replicas from it."""
 
+    @classmethod
+    def of(cls, body: Mapping[str, Any], served_model_name: str | None) -> DeploymentTarget:
+        """The target of a Llama4Deployment object (`served_model_name`: from its spec)."""
+        meta = body["metadata"]
+        return cls(
+            namespace=meta["namespace"],
+            name=meta["name"],
+            served_model_name=served_model_name or meta["name"],
+            endpoint=str((body.get("status") or {}).get("endpoint") or ""),
+        )
+
 
 class MetricsUnavailable(Exception):  # noqa: N818 - the shared interface fixes this name
     """No usable reading; str(error) says why (for status and events)."""
@@ -71,9 +82,14 @@ class ServingMetricsSource(Protocol):
     description: str
     """Short, for status: e.g. 'prometheus http://prom:9090' or 'direct'."""
 
-    async def snapshot(self, target: DeploymentTarget) -> ServingSnapshot:
-        """Every live replica's counters now; raises MetricsUnavailable."""
+    async def snapshot(self, target: DeploymentTarget, *, routed: bool = True) -> ServingSnapshot:
+        """Every live replica's counters now (`routed`: with the per-expert routed tokens, the
+        largest part, which only the rebalance loop reads); raises MetricsUnavailable."""
         ...
+
+
+# Series read once per replica (summed over their other labels).
+_PER_REPLICA = (PROMPT_TOKENS, GENERATION_TOKENS, WAITING_PROMPT_TOKENS, RUNNING_REQUESTS)
 
 
 class _Builder:
@@ -123,20 +139,22 @@ class PrometheusSource:
         self.description = f"prometheus {self.url}"
         self._transport = transport
 
-    def queries(self, target: DeploymentTarget) -> dict[str, str]:
+    def queries(self, target: DeploymentTarget, *, routed: bool = True) -> dict[str, str]:
         """Metric name -> PromQL selecting this deployment's series, grouped by instance."""
         selector = (
             f"namespace={_promql_string(target.namespace)},"
             f"model_name={_promql_string(target.served_model_name)}"
         )
-        simple = (PROMPT_TOKENS, GENERATION_TOKENS, WAITING_PROMPT_TOKENS, RUNNING_REQUESTS)
-        queries = {name: f"sum by (instance) ({name}{{{selector}}})" for name in simple}
-        queries[ROUTED_TOKENS] = f"sum by (instance, layer, expert) ({ROUTED_TOKENS}{{{selector}}})"
+        queries = {name: f"sum by (instance) ({name}{{{selector}}})" for name in _PER_REPLICA}
+        if routed:
+            queries[ROUTED_TOKENS] = (
+                f"sum by (instance, layer, expert) ({ROUTED_TOKENS}{{{selector}}})"
+            )
         return queries
 
-    async def snapshot(self, target: DeploymentTarget) -> ServingSnapshot:
+    async def snapshot(self, target: DeploymentTarget, *, routed: bool = True) -> ServingSnapshot:
         builder = _Builder()
-        queries = self.queries(target)
+        queries = self.queries(target, routed=routed)
         read_at = time.time()
         try:
             async with httpx.AsyncClient(
@@ -198,17 +216,11 @@ def parse_targets(body: Any) -> list[str]:
     return targets
 
 
-def parse_exposition(text: str, model_name: str) -> ReplicaCounters | None:
+def parse_exposition(text: str, model_name: str, *, routed: bool = True) -> ReplicaCounters | None:
     """One replica's counters from its Prometheus text exposition (None: no series of
     `model_name` in it)."""
     builder = _Builder()
-    wanted = {
-        PROMPT_TOKENS,
-        GENERATION_TOKENS,
-        WAITING_PROMPT_TOKENS,
-        RUNNING_REQUESTS,
-        ROUTED_TOKENS,
-    }
+    wanted = {*_PER_REPLICA, ROUTED_TOKENS} if routed else set(_PER_REPLICA)
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name in wanted and sample.labels.get("model_name") == model_name:
@@ -225,7 +237,7 @@ class DirectSource:
     def __init__(self, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self._transport = transport
 
-    async def snapshot(self, target: DeploymentTarget) -> ServingSnapshot:
+    async def snapshot(self, target: DeploymentTarget, *, routed: bool = True) -> ServingSnapshot:
         if not target.endpoint:
             raise MetricsUnavailable("the deployment has no endpoint yet (status.endpoint)")
         discovery = targets_url(target.endpoint)
@@ -242,7 +254,10 @@ class DirectSource:
                 raise MetricsUnavailable(f"replica discovery at {discovery} lists no replicas")
             read_at = time.time()
             scraped = await asyncio.gather(
-                *(self._scrape(http, instance, target.served_model_name) for instance in instances)
+                *(
+                    self._scrape(http, instance, target.served_model_name, routed)
+                    for instance in instances
+                )
             )
         replicas = {i: c for i, c in zip(instances, scraped, strict=True) if c is not None}
         if not replicas:
@@ -254,12 +269,17 @@ class DirectSource:
 
     @staticmethod
     async def _scrape(
-        http: httpx.AsyncClient, instance: str, model_name: str
+        http: httpx.AsyncClient, instance: str, model_name: str, routed: bool
     ) -> ReplicaCounters | None:
         """One replica's counters; None when it cannot be read (it may be going away)."""
         try:
             response = await http.get(f"http://{instance}/metrics")
             response.raise_for_status()
-            return parse_exposition(response.text, model_name)
+            return parse_exposition(response.text, model_name, routed=routed)
         except (httpx.HTTPError, ValueError):
             return None
+
+
+def source_for(prometheus_url: str | None) -> ServingMetricsSource:
+    """Prometheus when the operator has its URL, else the replicas themselves."""
+    return PrometheusSource(prometheus_url) if prometheus_url else DirectSource()

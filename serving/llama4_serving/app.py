@@ -33,7 +33,7 @@ from llama4_serving.config import (
     RuntimeKnobs,
     ServingConfig,
     application_args,
-    max_ongoing_requests,
+    llm_server_overrides,
 )
 from llama4_serving.engines.reference.engine import (
     AsyncEngine,
@@ -560,14 +560,14 @@ def build_app(args: dict[str, Any]) -> Application:
     `args` make a new code version and replace every replica."""
     config = ServingConfig.model_validate(args)
     _check_engine(config)
-    knobs = RuntimeKnobs(batching=config.batching, placement=config.placement)
     replica_cpus = float(config.engine_args.get("replica_num_cpus", 1))
     # The replicas get the knobs through `reconfigure` only, so both paths start them alike.
     server_args = application_args(config)
+    overrides = llm_server_overrides(config)
     server = LLMServer.options(  # type: ignore[attr-defined]
-        num_replicas=config.num_replicas,
-        user_config=knobs.model_dump(mode="json"),
-        max_ongoing_requests=max_ongoing_requests(config.batching),
+        num_replicas=overrides["num_replicas"],
+        user_config=overrides["user_config"],
+        max_ongoing_requests=overrides["max_ongoing_requests"],
         ray_actor_options={"num_cpus": replica_cpus},
     ).bind(server_args)
     app: Application = OpenAIIngress.options(  # type: ignore[attr-defined]

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from llama4_operator.devenv.cluster import LocalCluster
-from support import CRD, Kubectl, OperatorProcess, wait_for
+from support import CRD, Kubectl, OperatorProcess
 
 
 @pytest.fixture(scope="session")
@@ -22,17 +22,7 @@ def operator(
     local_cluster: LocalCluster, kubectl: Kubectl, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
     kubectl.run("apply", "--server-side", "-f", str(CRD))
-    established = '-o=jsonpath={.status.conditions[?(@.type=="Established")].status}'
-    # check=False: right after creation `status.conditions` is null and the jsonpath errors.
-    wait_for(
-        lambda: (
-            kubectl.run(
-                "get", "crd", "llama4deployments.serving.llama4.dev", established, check=False
-            )
-            == "True"
-        ),
-        what="the Llama4Deployment CRD to be Established",
-    )
+    kubectl.wait_established("llama4deployments.serving.llama4.dev")
     running = OperatorProcess(local_cluster.kubeconfig, tmp_path_factory.mktemp("operator"))
     running.start()
     try:

@@ -16,7 +16,7 @@ from reliability_api import Api
 from llama4_operator.devenv import tools as devtools
 from llama4_operator.devenv.cluster import ClusterConfig, LocalCluster
 from llama4_operator.devenv.nodes import NodePool
-from support import CRD, REPO, Kubectl, OperatorProcess, wait_for
+from support import CRD, REPO, Kubectl, OperatorProcess
 
 PEERING_CRDS = sorted((REPO / "helm" / "llama4-operator" / "crds").glob("kopf.dev_*.yaml"))
 # Four 8 x H100 nodes: room for two Maverick FP8 replicas (8 GPUs each) and a few Scouts.
@@ -40,20 +40,7 @@ def chaos_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
         for crd in crds:
             kubectl.run("apply", "--server-side", "-f", str(crd))
         for crd in ("llama4deployments.serving.llama4.dev", "rayservices.ray.io"):
-            # Polled: `kubectl wait` fails outright while a new CRD has no conditions yet.
-            wait_for(
-                lambda crd=crd: (
-                    "True"
-                    in kubectl.run(
-                        "get",
-                        f"crd/{crd}",
-                        "-o=jsonpath={.status.conditions[?(@.type=='Established')].status}",
-                        check=False,  # kubectl fails while the CRD has no conditions at all
-                    )
-                ),
-                60,
-                f"CRD {crd} to be Established",
-            )
+            kubectl.wait_established(crd)
         yield cluster
 
 

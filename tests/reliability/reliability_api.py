@@ -7,7 +7,6 @@ import json
 from collections import Counter
 from typing import Any
 
-import httpx
 import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -160,12 +159,3 @@ def assert_converged(api: Api, namespace: str, names: list[str]) -> list[Json]:
     overbooked = {node: gpus for node, gpus in per_node.items() if gpus > GPUS_PER_NODE}
     assert not overbooked, f"GPUs placed twice: {overbooked}"
     return deployments
-
-
-def reconcile_count(metrics_port: int) -> float:
-    """How many reconciliations the operator has run (its own histogram's count)."""
-    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
-    for line in text.splitlines():
-        if line.startswith("llama4_operator_reconcile_duration_seconds_count"):
-            return float(line.split()[-1])
-    raise AssertionError(f"no reconcile count in the operator's metrics:\n{text[:2000]}")

@@ -133,6 +133,10 @@ def test_exposition_parsing_keeps_the_served_model_only() -> None:
     counters = parse_exposition(EXPOSITION, MODEL)
     assert counters == ReplicaCounters(120.0, 64.0, 17.0, 3.0, {(1, 2): 40.0})
     assert parse_exposition(EXPOSITION, "absent") is None
+    # The autoscaler does not read the per-expert series: it skips them.
+    assert parse_exposition(EXPOSITION, MODEL, routed=False) == ReplicaCounters(
+        120.0, 64.0, 17.0, 3.0, {}
+    )
 
 
 def test_direct_source_lists_targets_then_scrapes_each_and_drops_unreachable_ones() -> None:
@@ -197,6 +201,10 @@ def test_prometheus_source_selects_the_deployment_and_groups_by_instance() -> No
     assert snapshot.replicas["10.0.0.2:9002"].prompt_tokens == 50
     assert all('namespace="llm",model_name="tiny-llama4"' in q for q in queries)
     assert all("by (instance" in q for q in queries)
+    assert any("expert_routed" in q for q in queries)
+    without_routed = source.queries(TARGET, routed=False)
+    assert not any("expert_routed" in q for q in without_routed.values())
+    assert len(without_routed) == len(source.queries(TARGET)) - 1
 
 
 def test_prometheus_source_errors_say_what_failed() -> None:
@@ -227,9 +235,11 @@ class FakeSource:
     def __init__(self) -> None:
         self.script: list[ServingSnapshot | MetricsUnavailable] = []
         self.reads = 0
+        self.routed: set[bool] = set()
 
-    async def snapshot(self, target: DeploymentTarget) -> ServingSnapshot:
+    async def snapshot(self, target: DeploymentTarget, *, routed: bool = True) -> ServingSnapshot:
         self.reads += 1
+        self.routed.add(routed)
         item = self.script.pop(0)
         if isinstance(item, MetricsUnavailable):
             raise item
@@ -309,6 +319,7 @@ def test_load_above_capacity_scales_up_and_records_the_decision() -> None:
     clock.now += 2
     tick(autoscaler, deployment(1))
     assert kube.scaled == [3]  # 300 tokens/s at 80% of 100 each: 4, capped at max 3
+    assert source.routed == {False}  # the autoscaler never asks for the per-expert series
     report = kube.statuses[-1]["autoscaling"]
     assert report["managesReplicas"] is True
     assert report["desiredReplicas"] == 3

@@ -108,7 +108,7 @@ class FakeSource:
         self.readings: list[ServingSnapshot | Exception] = []
         self.targets: list[DeploymentTarget] = []
 
-    async def snapshot(self, target: DeploymentTarget) -> ServingSnapshot:
+    async def snapshot(self, target: DeploymentTarget, *, routed: bool = True) -> ServingSnapshot:
         self.targets.append(target)
         item = self.readings.pop(0)
         if isinstance(item, Exception):

@@ -593,15 +593,19 @@ def _processes_marked(directory: Path) -> list[int]:
     return found
 
 
-def _stop_marked(directory: Path, grace_s: float = 5.0) -> list[int]:
+def _stop_marked(directory: Path, grace_s: float = 5.0, kill_wait_s: float = 10.0) -> list[int]:
     """SIGTERM the cluster's processes outside the recorded groups, SIGKILL what outlives the
-    grace period; returns their pids."""
+    grace period; returns their pids. A process that SIGKILL does not end within `kill_wait_s`
+    (stuck in the kernel) is left rather than waited on forever."""
     strays = _processes_marked(directory)
     for pid in strays:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
+    give_up = deadline + kill_wait_s
     while alive := [pid for pid in strays if _pid_alive(pid) and not _is_zombie(pid)]:
+        if time.monotonic() > give_up:
+            break
         if time.monotonic() > deadline:
             for pid in alive:
                 with contextlib.suppress(ProcessLookupError):

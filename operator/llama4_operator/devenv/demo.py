@@ -178,7 +178,6 @@ def format_row(row: tuple[str, ...]) -> str:
 
 @dataclass
 class LoadStats:
-    sent: int = 0
     answered: int = 0
     failed: int = 0
     tokens: int = 0
@@ -187,7 +186,6 @@ class LoadStats:
 
     def record(self, tokens: int | None, error: str = "") -> None:
         with self.lock:
-            self.sent += 1
             if tokens is None:
                 self.failed += 1
                 self.last_error = error

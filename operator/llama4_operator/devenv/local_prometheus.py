@@ -23,9 +23,9 @@ from llama4_operator.devenv.cluster import (
     LocalCluster,
     free_port,
 )
+from llama4_operator.serving_metrics import TARGETS_PATH
 
 RULES_DIR = Path(__file__).resolve().parents[3] / "monitoring" / "rules"
-SERVING_TARGETS_PATH = "/-/metrics/targets"
 SCRAPE_INTERVAL = "5s"
 
 
@@ -66,7 +66,7 @@ def prometheus_config(targets: ScrapeTargets, rule_files: list[Path]) -> dict[st
         {
             "job_name": "llama4-serving",
             "http_sd_configs": [
-                {"url": f"{targets.serve_url}{SERVING_TARGETS_PATH}", "refresh_interval": "10s"}
+                {"url": f"{targets.serve_url}{TARGETS_PATH}", "refresh_interval": "10s"}
             ],
             "relabel_configs": serving_labels,
         },

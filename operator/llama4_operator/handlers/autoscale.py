@@ -32,10 +32,9 @@ from llama4_operator.planners.autoscaling_inputs import (
 )
 from llama4_operator.serving_metrics import (
     DeploymentTarget,
-    DirectSource,
     MetricsUnavailable,
-    PrometheusSource,
     ServingMetricsSource,
+    source_for,
 )
 
 OFF_MESSAGE = "autoscaling is off: spec.replicas is set by hand (kubectl scale) and kept"
@@ -71,10 +70,7 @@ class Autoscaler:
     @classmethod
     def for_config(cls, kube: KubeApi, config: OperatorConfig) -> Autoscaler:
         """Read metrics from Prometheus when the operator has its URL, else from the replicas."""
-        source: ServingMetricsSource = (
-            PrometheusSource(config.prometheus_url) if config.prometheus_url else DirectSource()
-        )
-        return cls(kube, source, config.autoscale_interval_s)
+        return cls(kube, source_for(config.prometheus_url), config.autoscale_interval_s)
 
     def forget(self, namespace: str, name: str) -> None:
         self._states.pop((namespace, name), None)
@@ -100,16 +96,11 @@ class Autoscaler:
         state = self._states.setdefault((namespace, name), AutoscalerState())
         config = policy_config(spec.autoscaling, self.interval_s)
         current = spec.replicas
-        target = DeploymentTarget(
-            namespace=namespace,
-            name=name,
-            served_model_name=spec.model.served_model_name or name,
-            endpoint=str(status.get("endpoint") or ""),
-        )
+        target = DeploymentTarget.of(body, spec.model.served_model_name)
         sample: MetricSample | None = None
         read_error: str | None = None
         try:
-            snapshot = await self.source.snapshot(target)
+            snapshot = await self.source.snapshot(target, routed=False)
         except MetricsUnavailable as error:
             read_error = str(error)
         now_s = self.clock()

@@ -25,9 +25,13 @@ from pydantic import ValidationError
 
 from llama4_operator import metrics
 from llama4_operator.api.catalog import architecture_of
-from llama4_operator.api.models import Llama4DeploymentSpec, Llama4DeploymentStatus
+from llama4_operator.api.models import Llama4DeploymentSpec
 from llama4_operator.handlers.config import OperatorConfig
-from llama4_operator.handlers.reconcile import Reconciler, read_expert_placement
+from llama4_operator.handlers.reconcile import (
+    Reconciler,
+    previous_status,
+    read_expert_placement,
+)
 from llama4_operator.kube import KubeApi
 from llama4_operator.planners.expert_load import (
     decide_on_window,
@@ -40,11 +44,10 @@ from llama4_operator.planners.placement_metrics import Topology
 from llama4_operator.renderers.children import Owner, render_expert_placement
 from llama4_operator.serving_metrics import (
     DeploymentTarget,
-    DirectSource,
     MetricsUnavailable,
-    PrometheusSource,
     ServingMetricsSource,
     ServingSnapshot,
+    source_for,
 )
 from llama4_serving.config import ExpertPlacement
 
@@ -81,10 +84,7 @@ class Rebalancer:
     ) -> Rebalancer:
         """Read routed tokens from Prometheus when the operator has its URL, else from the
         replicas; re-plan under `lock`, the lock reconciliations take."""
-        source: ServingMetricsSource = (
-            PrometheusSource(config.prometheus_url) if config.prometheus_url else DirectSource()
-        )
-        return cls(reconciler.kube, reconciler, source, lock)
+        return cls(reconciler.kube, reconciler, source_for(config.prometheus_url), lock)
 
     def forget(self, namespace: str, name: str) -> None:
         self._windows.pop((namespace, name), None)
@@ -108,12 +108,7 @@ class Rebalancer:
         )
         if not due:
             return None
-        target = DeploymentTarget(
-            namespace=owner.namespace,
-            name=owner.name,
-            served_model_name=spec.model.served_model_name or owner.name,
-            endpoint=str((body.get("status") or {}).get("endpoint") or ""),
-        )
+        target = DeploymentTarget.of(body, spec.model.served_model_name)
         try:
             reading = await self.source.snapshot(target)
         except MetricsUnavailable as error:
@@ -193,7 +188,7 @@ class Rebalancer:
             logger.info(
                 "the engine takes expert plan %d at the next resync: %s", plan.version, error
             )
-        placement = _status_of(body).placement
+        placement = previous_status(body).placement
         done = (placement.rebalances if placement and placement.rebalances else 0) + 1
         await self.kube.patch_status(
             owner.namespace,
@@ -225,7 +220,7 @@ class Rebalancer:
         self, body: Body, owner: Owner, message: str, balance: float | None = None
     ) -> None:
         """The verdict in status, patched only when it changed (not once per tick)."""
-        placement = _status_of(body).placement
+        placement = previous_status(body).placement
         if placement is None:
             return  # nothing placed yet: there is no plan to talk about
         patch: dict[str, Any] = {}
@@ -235,10 +230,3 @@ class Rebalancer:
             patch["measuredBalance"] = round(balance, 4)
         if patch:
             await self.kube.patch_status(owner.namespace, owner.name, {"placement": patch})
-
-
-def _status_of(body: Body) -> Llama4DeploymentStatus:
-    try:
-        return Llama4DeploymentStatus.model_validate(body.get("status") or {})
-    except ValidationError:
-        return Llama4DeploymentStatus()

@@ -62,7 +62,8 @@ def format_validation_error(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _previous_status(body: Body) -> Llama4DeploymentStatus:
+def previous_status(body: Body) -> Llama4DeploymentStatus:
+    """The status as the object holds it (empty when unreadable)."""
     try:
         return Llama4DeploymentStatus.model_validate(body.get("status") or {})
     except ValidationError:
@@ -81,7 +82,7 @@ async def read_expert_placement(kube: KubeApi, owner: Owner) -> ExpertPlacement 
 
 def _measured_balance(body: Body, plan_version: int) -> float | None:
     """The rebalance loop's measured balance in status, when it is of this plan version."""
-    placement = _previous_status(body).placement
+    placement = previous_status(body).placement
     if placement is None or placement.expert_plan_version != plan_version:
         return None
     return placement.measured_balance
@@ -90,7 +91,7 @@ def _measured_balance(body: Body, plan_version: int) -> float | None:
 def _forget_stale_measurement(body: Body, status: dict[str, Any]) -> None:
     """A plan replaced here (a new layout) was never measured: drop the old plan's figure."""
     new: dict[str, Any] = status.get("placement") or {}
-    old = _previous_status(body).placement
+    old = previous_status(body).placement
     if not new or old is None or old.measured_balance is None:
         return
     if new.get("expertPlanVersion") != old.expert_plan_version:
@@ -199,7 +200,7 @@ class Reconciler:
             "workerGroupSpecs"
         ) or []
         previous = Previous(
-            placement=previous_placement(_previous_status(body).placement),
+            placement=previous_placement(previous_status(body).placement),
             experts=await self._previous_experts(owner),
             worker_groups=tuple(groups),
         )

@@ -17,6 +17,7 @@ import numpy as np
 from llama4_operator.api.models import CustomArchitecture
 from llama4_operator.planners.expert_placement import RebalanceDecision, decide_rebalance
 from llama4_operator.planners.placement_metrics import FloatArray, Topology
+from llama4_operator.planners.serving_snapshot import counter_delta
 
 # The measured balance is mostly sampling noise on few tokens: a GPU's share of n tokens varies
 # by about 1/sqrt(n), so at 200 tokens per GPU and MoE layer a uniform load still reads ~0.9.
@@ -62,8 +63,7 @@ def routed_load(
             row = ordinal.get(layer)
             if row is None or not 0 <= expert < experts:
                 continue
-            start = earlier.get((layer, expert), 0.0)
-            load[row, expert] += value - start if value >= start else value
+            load[row, expert] += counter_delta(earlier.get((layer, expert), 0.0), value)
     return load
 
 

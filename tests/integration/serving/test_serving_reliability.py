@@ -136,6 +136,10 @@ def test_body_limit_follows_the_context_length() -> None:
     # The limit leaves room for a full-context prompt, written as token ids.
     ids_prompt = json.dumps({"model": MODEL, "prompt": [99999] * (MAX_MODEL_LEN - 1)})
     assert len(ids_prompt) < max_request_bytes(MAX_MODEL_LEN) < SEVERAL_MB
+    # A model with twice the context takes bodies larger by at least those token ids.
+    longer = json.dumps({"model": MODEL, "prompt": [99999] * (2 * MAX_MODEL_LEN - 1)})
+    grown = max_request_bytes(2 * MAX_MODEL_LEN) - max_request_bytes(MAX_MODEL_LEN)
+    assert grown >= len(longer) - len(ids_prompt)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,8 +206,8 @@ def test_killed_engine_replica_loses_no_request_under_load(
                 lost.append(repr(error))
     print(f"{total} requests, replica killed with {in_flight} in flight: {dict(outcomes)}")
     assert in_flight > 0, "the kill came after the load run"
+    # as_completed raises on a request still open, so each one is in `outcomes` or `lost`.
     assert not lost, f"{len(lost)} of {total} requests lost or hung: {lost[:3]}"
-    assert sum(outcomes.values()) == total
     failed = total - outcomes["ok"]
     assert failed < total, "no request succeeded"
     # Serve replaces the dead replica (on this loaded machine a replacement can fail to load
