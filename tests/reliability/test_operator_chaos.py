@@ -158,6 +158,18 @@ def test_spec_writes_racing_the_operator_lose_no_update_and_no_status(
     print(f"409 conflicts met and retried by the writers: {sum(conflicts)}")
 
 
+def peering_priorities(api: Api, peering: str) -> list[int]:
+    """Priorities of the operator instances recorded in a ClusterKopfPeering's status."""
+    found = api.custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", peering)
+    return sorted(peer["priority"] for peer in (found.get("status") or {}).values())
+
+
+def handled(replica: OperatorProcess, namespace: str) -> list[str]:
+    """Log lines of handlers run on objects in `namespace` (the operator prefixes each such
+    line with [namespace/name])."""
+    return [line for line in replica.log().splitlines() if f"[{namespace}/" in line]
+
+
 def test_two_peered_replicas_one_acts_and_the_other_takes_over(
     chaos_cluster: LocalCluster,
     api: Api,
@@ -170,36 +182,37 @@ def test_two_peered_replicas_one_acts_and_the_other_takes_over(
         {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": peering}},
         namespace,
     )
-    replicas = [
+    leader, standby = (
         OperatorProcess(
             chaos_cluster.kubeconfig,
             tmp_path_factory.mktemp(f"replica-{priority}"),
             extra_args=(f"--peering={peering}", f"--peering-priority={priority}"),
         )
         for priority in (200, 100)
-    ]
-    leader, standby = replicas
+    )
+
+    def logs() -> str:
+        return f"\nleader:\n{leader.log()[-3000:]}\nstandby:\n{standby.log()[-3000:]}"
+
     try:
-        for replica in replicas:
-            replica.start()
-        try:
-            wait_for(
-                lambda: "Pausing operations in favour of" in standby.log(),
-                180,  # two operators starting at once on 2 busy cores: start-up alone takes 60 s
-                "the lower-priority replica to pause in favour of the leader",
-            )
-        except AssertionError as error:
-            raise AssertionError(
-                f"{error}\nleader:\n{leader.log()[-2000:]}\nstandby:\n{standby.log()[-3000:]}"
-            ) from None
+        # Both record themselves in the peering; the standby starts paused (the peering is
+        # mandatory) and stays so while the leader's record is live. Starting them in turn
+        # makes the pause the standby's first state, which is what a rolling update meets.
+        leader.start()
+        wait_for(lambda: peering_priorities(api, peering) == [200], 120, "the leader's record")
+        standby.start()
+        wait_for(
+            lambda: peering_priorities(api, peering) == [100, 200], 120, "the standby's record"
+        )
         names = create_fleet(api, namespace)
         wait_all_reconciled(api, namespace, names, CONVERGE_TIMEOUT_S)
         assert_converged(api, namespace, names)
-        acted = [line for line in standby.log().splitlines() if namespace in line]
-        assert not acted, f"the paused replica handled objects: {acted[:5]}"
-        # A rolling update: the leader stops cleanly (its peering entry goes with it) and the
+        assert handled(leader, namespace), f"the leader's handlers left no log line{logs()}"
+        assert not handled(standby, namespace), f"the paused replica handled objects{logs()}"
+        # A rolling update: the leader stops cleanly (its peering record goes with it) and the
         # standby takes over: it reconciles a change made after, with no second set of children.
         leader.stop()
+        wait_for(lambda: peering_priorities(api, peering) == [100], 60, "the leader's record gone")
         wait_for(
             lambda: "Resuming operations" in standby.log(),
             60,
@@ -209,7 +222,10 @@ def test_two_peered_replicas_one_acts_and_the_other_takes_over(
         wait_all_reconciled(api, namespace, names, CONVERGE_TIMEOUT_S)
         deployments = {d["metadata"]["name"]: d for d in assert_converged(api, namespace, names)}
         assert deployments["scout-0"]["status"]["replicas"] == 2
+        assert any(f"[{namespace}/scout-0]" in line for line in handled(standby, namespace))
+    except AssertionError as error:
+        raise AssertionError(f"{error}{logs()}") from None
     finally:
-        for replica in replicas:
-            replica.stop()
+        leader.stop()
+        standby.stop()
         kubectl.run("delete", "clusterkopfpeering", peering, "--ignore-not-found")

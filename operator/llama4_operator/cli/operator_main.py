@@ -167,7 +167,8 @@ def operator_command(
             ) from error
     # The handlers read these when imported (the timer's interval is fixed at registration).
     os.environ.update(settings)
-    kopf.configure(debug=verbose, verbose=verbose)  # INFO logs by default, DEBUG with -v
+    # INFO logs by default, DEBUG with -v; each object's lines start with [namespace/name].
+    kopf.configure(debug=verbose, verbose=verbose, log_prefix=True)
     importlib.import_module("llama4_operator.handlers.kopf_handlers")  # registers the handlers
     kopf.run(
         clusterwide=not namespaces,
