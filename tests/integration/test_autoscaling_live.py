@@ -47,8 +47,9 @@ RAY_ENV = {
 }
 NAMESPACE = "autoscale-live"
 NAME = "tiny"
-# Served under the resource's name: the cost panel joins operator and serving series on `name`.
-MODEL = NAME
+# Served under a name of its own: dashboards and rules must still key its series by the
+# resource (the cost panel joins the operator's GPU gauge and the serving tokens on `name`).
+MODEL = "tiny-chat"
 OWNER = Owner(name=NAME, namespace=NAMESPACE, uid="-")
 APP = external_app_name(OWNER)
 PREFIX = external_route_prefix(OWNER)
@@ -204,7 +205,7 @@ def events(kubectl: Kubectl) -> list[dict[str, Any]]:
 
 def dashboard_queries() -> list[str]:
     """Every query of the generated dashboards, with the Grafana variables a user would pick for
-    this deployment (the serving replicas name their series after the served model)."""
+    this deployment: its resource name, which differs from the served model name."""
     variables = {
         "$__rate_interval": "1m",
         "$namespace": NAMESPACE,
@@ -268,7 +269,11 @@ def test_token_load_scales_up_then_back_down(
             targets = httpx.get(targets_url, timeout=10).json()
             assert len(targets) == 1, targets
             assert len(targets[0]["targets"]) == 1, targets
-            assert targets[0]["labels"]["namespace"] == NAMESPACE
+            assert targets[0]["labels"] == {
+                "llama4_app": APP,
+                "namespace": NAMESPACE,
+                "llama4_deployment": NAME,
+            }
 
             started = time.monotonic()
             with Load(f"{ray_serve.serve_url}{PREFIX}/v1/completions") as load:

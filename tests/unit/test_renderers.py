@@ -172,6 +172,28 @@ def test_service_monitor_scrapes_ray_and_engine_metrics(maverick_state: Any) -> 
     assert ports == {"metrics": 8080, "engine-metrics": maverick_state.serving.metrics_port}
 
 
+def test_serving_series_are_labelled_with_the_deployment_not_the_served_model() -> None:
+    # Recording rules and dashboards key serving series by the resource (docs/monitoring.md);
+    # a served model name of the user's choosing must not change that key.
+    spec = sample(
+        "maverick", model={**sample("maverick").model.model_dump(), "servedModelName": "chat"}
+    )
+    state = desired_state(
+        OWNER, spec, h100_nodes(3), SETTINGS, Previous(), service_monitor_available=True
+    )
+    assert state.serving is not None
+    assert state.serving.served_model_name == "chat"
+    assert state.serving.metrics_target_labels == {
+        "namespace": OWNER.namespace,
+        "llama4_deployment": OWNER.name,
+    }
+    (monitor,) = by_kind(state.children)["ServiceMonitor"]
+    for endpoint in monitor["spec"]["endpoints"]:
+        assert endpoint["relabelings"] == [
+            {"targetLabel": "llama4_deployment", "replacement": OWNER.name}
+        ]
+
+
 def test_accelerator_resource_reaches_the_serving_config() -> None:
     settings = RayPodSettings(image="x", ray_version="2.60.0", accelerator_resource="fake_gpu")
     state = desired_state(OWNER, sample("tiny-reference"), h100_nodes(1), settings, Previous())

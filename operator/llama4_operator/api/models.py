@@ -18,6 +18,9 @@ GROUP = "serving.llama4.dev"
 VERSION = "v1alpha1"
 KIND = "Llama4Deployment"
 PLURAL = "llama4deployments"
+# Label on every serving series naming its Llama4Deployment: series are keyed by the resource,
+# not by the served model name, which users may set to anything (and share across resources).
+DEPLOYMENT_SERIES_LABEL = "llama4_deployment"
 SINGULAR = "llama4deployment"
 SHORT_NAME = "l4d"
 CATEGORIES = ("llama4", "ai")

@@ -15,9 +15,9 @@ from llama4_operator.monitoring.selectors import Selectors
 
 SCHEMA_VERSION = 39
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
-# Dashboard filters: recorded series carry `name`, raw serving series `model_name`.
+# Dashboards read the operator's series and the recorded serving series, all keyed by
+# `namespace` and `name` (the Llama4Deployment).
 BY_NAME = 'namespace=~"$namespace", name=~"$deployment"'
-BY_MODEL = 'namespace=~"$namespace", model_name=~"$deployment"'
 
 
 @dataclass(frozen=True)
@@ -115,10 +115,10 @@ def _query_variable(name: str, label: str, query: str) -> dict[str, Any]:
 
 
 def _variables(sel: Selectors, *, price: bool) -> tuple[dict[str, Any], ...]:
-    namespaces = f"label_values(llama4_requests_running{{{sel.serving}}}, namespace)"
+    # The operator lists every deployment it manages, serving or not yet.
+    namespaces = f"label_values({rules.READY_REPLICAS}{{{sel.operator}}}, namespace)"
     deployments = (
-        f'label_values(llama4_requests_running{{{sel.serving}, namespace=~"$namespace"}}, '
-        "model_name)"
+        f'label_values({rules.READY_REPLICAS}{{{sel.operator}, namespace=~"$namespace"}}, name)'
     )
     found: list[dict[str, Any]] = [
         {
@@ -229,7 +229,7 @@ def moe(sel: Selectors) -> Dashboard:
     legend = "{{namespace}}/{{name}}"
     routed = (
         "sum by (layer, expert) "
-        f"(rate(llama4_expert_routed_tokens_total{{{sel.serving}, {BY_MODEL}}}[$__rate_interval]))"
+        f"(namespace_name_layer_expert:llama4_expert_routed_tokens:rate5m{{{BY_NAME}}})"
     )
     return Dashboard(
         uid=f"{sel.dashboard_prefix}-moe",

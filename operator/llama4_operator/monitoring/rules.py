@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from llama4_operator.api.models import DEPLOYMENT_SERIES_LABEL
 from llama4_operator.monitoring.selectors import Selectors
 
 RUNBOOK_BASE = "https://github.com/llama4-operator/llama4-operator/blob/main/docs/runbooks.md"
@@ -29,9 +30,14 @@ Rule = dict[str, Any]
 
 
 def _by_deployment(inner: str, extra: str = "") -> str:
-    """Sum `inner` (serving series labelled model_name) by namespace and deployment name."""
+    """Sum the serving series `inner` by namespace and Llama4Deployment name: the
+    `llama4_deployment` label the operator attaches to their targets, or, on series scraped
+    without it, the served model name (which defaults to the deployment's name)."""
     keys = ", ".join(k for k in ("namespace", "name", extra) if k)
-    return f'sum by ({keys}) (label_replace({inner}, "name", "$1", "model_name", "(.*)"))'
+    named = f'label_replace({inner}, "name", "$1", "model_name", "(.*)")'
+    # The regex (.+) leaves `name` alone where the deployment label is absent or empty.
+    named = f'label_replace({named}, "name", "$1", "{DEPLOYMENT_SERIES_LABEL}", "(.+)")'
+    return f"sum by ({keys}) ({named})"
 
 
 def recording_rules(sel: Selectors) -> list[Rule]:
@@ -69,8 +75,14 @@ def recording_rules(sel: Selectors) -> list[Rule]:
                 "expr": _by_deployment(f"rate({histogram}_bucket{{{s}}}[5m])", "le"),
             }
         )
-    routed = _by_deployment(f"rate(llama4_expert_routed_tokens_total{{{s}}}[5m])", "layer, expert")
-    rules.append(
+    routed = "namespace_name_layer_expert:llama4_expert_routed_tokens:rate5m"
+    rules += [
+        {
+            "record": routed,
+            "expr": _by_deployment(
+                f"rate(llama4_expert_routed_tokens_total{{{s}}}[5m])", "layer, expert"
+            ),
+        },
         {
             # Mean over busiest expert of each layer: 1 is perfect balance, 1/experts is worst.
             "record": "namespace_name_layer:llama4_expert_balance:ratio_rate5m",
@@ -78,8 +90,8 @@ def recording_rules(sel: Selectors) -> list[Rule]:
                 f"avg by (namespace, name, layer) ({routed})\n/\n"
                 f"max by (namespace, name, layer) ({routed})"
             ),
-        }
-    )
+        },
+    ]
     return rules
 
 

@@ -21,7 +21,13 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from llama4_operator.api.models import GROUP, KIND, VERSION, Llama4DeploymentSpec
+from llama4_operator.api.models import (
+    DEPLOYMENT_SERIES_LABEL,
+    GROUP,
+    KIND,
+    VERSION,
+    Llama4DeploymentSpec,
+)
 from llama4_operator.planners.cluster_placement import ClusterPlacement
 from llama4_operator.planners.gpu_products import GPU_RESOURCE, PRODUCT_LABEL
 from llama4_operator.renderers.serving import (
@@ -365,7 +371,14 @@ def render_service_monitor(owner: Owner, spec: Llama4DeploymentSpec) -> Object:
         "spec": {
             "selector": {"matchLabels": {DEPLOYMENT_LABEL: owner.name, COMPONENT_LABEL: "metrics"}},
             "endpoints": [
-                {"port": port, "interval": spec.monitoring.scrape_interval}
+                {
+                    "port": port,
+                    "interval": spec.monitoring.scrape_interval,
+                    # Key the series by the resource, as the recording rules expect.
+                    "relabelings": [
+                        {"targetLabel": DEPLOYMENT_SERIES_LABEL, "replacement": owner.name}
+                    ],
+                }
                 for port in ("metrics", "engine-metrics")
             ],
         },

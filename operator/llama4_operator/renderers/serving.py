@@ -12,7 +12,11 @@ import numpy as np
 import yaml
 
 from llama4_operator.api.catalog import architecture_of, weights_uri_of
-from llama4_operator.api.models import CustomArchitecture, Llama4DeploymentSpec
+from llama4_operator.api.models import (
+    DEPLOYMENT_SERIES_LABEL,
+    CustomArchitecture,
+    Llama4DeploymentSpec,
+)
 from llama4_operator.planners import placement_metrics
 from llama4_operator.planners.expert_placement import plan_experts, uniform_load
 from llama4_operator.planners.fit import Layout
@@ -168,7 +172,8 @@ def serving_config(
 ) -> ServingConfig:
     """The `args` of the Serve application for this spec and plan. `accelerator_resource` is
     the Ray resource an expert shard takes (`GPU`, or a custom one on a CPU demo cluster).
-    `namespace` labels the replicas' metrics targets (so PromQL selects this deployment's);
+    `namespace` and `name` label the replicas' metrics targets (so PromQL selects this
+    deployment's series, whatever the served model name);
     `metrics_port` 0 lets replicas sharing a host (external Ray) each pick a free port."""
     model = spec.model
     weights = model.weights
@@ -197,7 +202,10 @@ def serving_config(
         api_key_file=api_key_file,
         accelerator_resource=accelerator_resource,
         metrics_port=metrics_port,
-        metrics_target_labels={"namespace": namespace} if namespace else {},
+        metrics_target_labels={
+            **({"namespace": namespace} if namespace else {}),
+            DEPLOYMENT_SERIES_LABEL: name,
+        },
     )
 
 
