@@ -31,6 +31,7 @@ from llama4_operator.devenv import tools as devtools
 from llama4_operator.devenv.cluster import LOOPBACK, Component, LocalCluster, free_port
 from llama4_operator.devenv.local_prometheus import ScrapeTargets, start_prometheus
 from llama4_operator.devenv.local_ray import FAKE_GPU, LocalRay, RayClusterStarter, RayNodes
+from llama4_operator.monitoring.rules import READY_REPLICAS
 
 REPOSITORY = Path(__file__).resolve().parents[3]
 CRD = REPOSITORY / "manifests" / "crd" / "serving.llama4.dev_llama4deployments.yaml"
@@ -39,10 +40,12 @@ PLACEMENT_SAMPLES = ("scout.yaml", "maverick.yaml")
 NAMESPACE = "llama4-demo"
 SUMMARY_FILE = "demo.json"  # in the cluster's state directory: what the demo started, for tools
 PROMPT = "Mixture of experts models route each token to"
+# Recorded by monitoring/rules (loaded by the demo's Prometheus), keyed by the deployment.
+GENERATED_TOKENS_RATE = "namespace_name:llama4_generation_tokens:rate5m"
 QUERIES = (
     'sum by (job) (up{job=~"llama4-.*|ray"})',
-    "sum by (name) (rate(llama4_generation_tokens_total[1m]))",
-    'llama4_deployment_ready_replicas{namespace="llama4-demo"}',
+    f'sum by (name) ({GENERATED_TOKENS_RATE}{{namespace="{NAMESPACE}"}})',
+    f'{READY_REPLICAS}{{namespace="{NAMESPACE}"}}',
 )
 
 
@@ -118,6 +121,11 @@ class Kube:
         listed: dict[str, Any] = json.loads(self.kubectl("get", "l4d", "-n", namespace, "-o=json"))
         items: list[dict[str, Any]] = listed["items"]
         return items
+
+
+def tiny_name() -> str:
+    name: str = yaml.safe_load(TINY_SAMPLE.read_text())["metadata"]["name"]
+    return name
 
 
 def tiny_manifest(tokenizer_dir: Path) -> dict[str, Any]:
@@ -253,7 +261,8 @@ class ServingDemo:
             self.cluster,
             ScrapeTargets(
                 operator=f"{LOOPBACK}:{operator_port}",
-                serve_url=ray.serve_url,
+                # The app the tiny sample becomes (external_route_prefix: /namespace/name).
+                app_url=f"{ray.serve_url}/{NAMESPACE}/{tiny_name()}",
                 namespace=NAMESPACE,
                 ray_discovery_file=ray.metrics_discovery_file,
             ),
@@ -263,7 +272,7 @@ class ServingDemo:
         self.console.rule("The tiny Llama 4 reference model")
         model = self._apply_tiny()
         endpoints = DemoEndpoints(
-            openai_base_url=f"{ray.serve_url}/{NAMESPACE}/{model['metadata']['name']}/v1",
+            openai_base_url=f"{ray.serve_url}/{NAMESPACE}/{tiny_name()}/v1",
             model=str(model["spec"]["model"]["servedModelName"]),
             prometheus_url=prometheus_url,
             ray_dashboard_url=ray.dashboard_url,

@@ -32,7 +32,7 @@ SCRAPE_INTERVAL = "5s"
 @dataclass(frozen=True)
 class ScrapeTargets:
     operator: str  # host:port of the operator's /metrics
-    serve_url: str  # the Serve HTTP proxy, whose app lists the replicas' metrics ports
+    app_url: str  # the Serve application's base URL (proxy + route prefix): it lists replicas
     namespace: str  # what prometheus-operator would add as `namespace` to the serving series
     ray_discovery_file: Path | None = None
 
@@ -66,7 +66,7 @@ def prometheus_config(targets: ScrapeTargets, rule_files: list[Path]) -> dict[st
         {
             "job_name": "llama4-serving",
             "http_sd_configs": [
-                {"url": f"{targets.serve_url}{TARGETS_PATH}", "refresh_interval": "10s"}
+                {"url": f"{targets.app_url}{TARGETS_PATH}", "refresh_interval": "10s"}
             ],
             "relabel_configs": serving_labels,
         },
