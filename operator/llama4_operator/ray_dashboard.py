@@ -80,14 +80,16 @@ class RayDashboard:
                 f"Ray dashboard {self.url}: {error}", delay=RETRY_DELAY_S
             ) from error
 
-    async def status(self, name: str) -> tuple[str, str]:
-        """(status, message) of one application, e.g. ("RUNNING", ""); ("NOT_FOUND", ...)."""
+    async def application(self, name: str) -> dict[str, Any]:
+        """One application's details (status, message, deployments and their replicas). When
+        the dashboard is unreachable or lists no such application, a stand-in whose `status`
+        says so (UNREACHABLE, NOT_FOUND) and whose `message` says why."""
         try:
             async with self._client() as http:
                 details = await self._details(http)
         except httpx.HTTPError as error:
-            return "UNREACHABLE", f"Ray dashboard {self.url}: {error}"
+            return {"status": "UNREACHABLE", "message": f"Ray dashboard {self.url}: {error}"}
         app = (details.get("applications") or {}).get(name)
         if not isinstance(app, dict):
-            return "NOT_FOUND", f"no application {name} on {self.url}"
-        return str(app.get("status", "UNKNOWN")), str(app.get("message", ""))
+            return {"status": "NOT_FOUND", "message": f"no application {name} on {self.url}"}
+        return app

@@ -2,10 +2,12 @@
 straight from the replicas.
 
 Two sources, one shape (`ServingSnapshot`): `PrometheusSource` runs PromQL instant queries over
-Prometheus' HTTP API, selecting the deployment's series by the `namespace` and `model_name`
-labels and grouping them by `instance` (one serving replica); `DirectSource` asks the
-deployment's OpenAI ingress for its live replicas (`GET /-/metrics/targets`, Prometheus HTTP
-service-discovery JSON) and scrapes each replica's `/metrics`. Turning two snapshots into rates
+Prometheus' HTTP API, selecting the deployment's series by the `namespace` and
+`llama4_deployment` labels (the operator's scrape-target labels; series scraped without them are
+matched by `model_name`, the served model name) and grouping them by `instance` (one serving
+replica); `DirectSource` asks the deployment's OpenAI ingress for its live replicas (`GET
+/-/metrics/targets`, Prometheus HTTP service-discovery JSON) and scrapes each replica's
+`/metrics`. Turning two snapshots into rates
 is pure: the snapshot types and counter arithmetic live in `planners.serving_snapshot`.
 """
 
@@ -21,6 +23,7 @@ from typing import Any, Protocol
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from llama4_operator.api.models import DEPLOYMENT_SERIES_LABEL
 from llama4_operator.planners.serving_snapshot import ReplicaCounters, ServingSnapshot
 
 __all__ = [
@@ -140,16 +143,24 @@ class PrometheusSource:
         self._transport = transport
 
     def queries(self, target: DeploymentTarget, *, routed: bool = True) -> dict[str, str]:
-        """Metric name -> PromQL selecting this deployment's series, grouped by instance."""
-        selector = (
-            f"namespace={_promql_string(target.namespace)},"
-            f"model_name={_promql_string(target.served_model_name)}"
+        """Metric name -> PromQL selecting this deployment's series, grouped by instance.
+
+        Two deployments may serve the same model name, so series are selected by the
+        deployment label the operator puts on its scrape targets; series scraped without it (a
+        scrape configuration of the user's own) fall back to the served model name."""
+        namespace = f"namespace={_promql_string(target.namespace)}"
+        selectors = (
+            f"{namespace},{DEPLOYMENT_SERIES_LABEL}={_promql_string(target.name)}",
+            f'{namespace},{DEPLOYMENT_SERIES_LABEL}="",'
+            f"model_name={_promql_string(target.served_model_name)}",
         )
-        queries = {name: f"sum by (instance) ({name}{{{selector}}})" for name in _PER_REPLICA}
+
+        def grouped(metric: str, by: str) -> str:
+            return " or ".join(f"sum by ({by}) ({metric}{{{s}}})" for s in selectors)
+
+        queries = {name: grouped(name, "instance") for name in _PER_REPLICA}
         if routed:
-            queries[ROUTED_TOKENS] = (
-                f"sum by (instance, layer, expert) ({ROUTED_TOKENS}{{{selector}}})"
-            )
+            queries[ROUTED_TOKENS] = grouped(ROUTED_TOKENS, "instance, layer, expert")
         return queries
 
     async def snapshot(self, target: DeploymentTarget, *, routed: bool = True) -> ServingSnapshot:
@@ -174,8 +185,9 @@ class PrometheusSource:
         if not snapshot.replicas:
             raise MetricsUnavailable(
                 f"Prometheus at {self.url} has no {PROMPT_TOKENS} series for "
-                f"namespace={target.namespace!r} model_name={target.served_model_name!r} "
-                "(is it scraping the replicas?)"
+                f"namespace={target.namespace!r} {DEPLOYMENT_SERIES_LABEL}={target.name!r} "
+                f"(or, unlabelled, model_name={target.served_model_name!r}): "
+                "is it scraping the replicas?"
             )
         return snapshot
 

@@ -1,7 +1,8 @@
 """The README's main job, `llama4ctl dev demo`, as a user runs it (detached, so the test can
 look around and then stop it the way the README says): the tiny model answers OpenAI requests
-through the endpoint the demo printed, the operator reports it Ready and placed, Prometheus
-scrapes the operator, and `cluster down` leaves no process behind, Ray's included."""
+through the endpoint the demo printed, the operator reports it Ready and placed, the demo's load
+makes the autoscaler add a replica (read from Prometheus, which scrapes the operator and the
+replicas), and `cluster down` leaves no process behind, Ray's included."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from openai import OpenAI
@@ -58,7 +60,7 @@ def test_demo_serves_the_tiny_model_and_stops_cleanly() -> None:
     ray_pids: dict[int, str] = {}
     try:
         demo = llama4ctl(
-            "dev", "demo", "--name", name, "--detach", "--load-seconds", "10", timeout_s=840
+            "dev", "demo", "--name", name, "--detach", "--load-seconds", "20", timeout_s=840
         )
         assert demo.returncode == 0, demo.stderr[-4000:]
         summary = json.loads((directory / SUMMARY_FILE).read_text())
@@ -77,24 +79,39 @@ def test_demo_serves_the_tiny_model_and_stops_cleanly() -> None:
         assert reply.usage.completion_tokens > 0
         assert reply.choices[0].message.content
 
-        listed = llama4ctl(
-            "dev", "kubectl", "--name", name, "get", "l4d", "tiny", "-n", NAMESPACE, "-o", "json"
-        )
-        assert listed.returncode == 0, listed.stderr
-        status = json.loads(listed.stdout)["status"]
-        ready = {c["type"]: c["status"] for c in status["conditions"]}
-        assert ready["Ready"] == "True", status["conditions"]
-        assert status["readyReplicas"] >= 1
+        def tiny() -> dict[str, Any]:
+            listed = llama4ctl(
+                "dev", "kubectl", "--name", name, "get", "l4d", "tiny", "-n", NAMESPACE,
+                "-o", "json",
+            )  # fmt: skip
+            assert listed.returncode == 0, listed.stderr
+            return dict(json.loads(listed.stdout))
+
+        # The load (about 250 tokens/s against 10 per replica) scales 1 -> 2; the deployment is
+        # Ready on both replicas once the new one runs.
+        def scaled_up() -> dict[str, Any] | None:
+            status = tiny()["status"]
+            ready = {c["type"]: c["status"] for c in status["conditions"]}
+            return status if ready["Ready"] == "True" and status["readyReplicas"] == 2 else None
+
+        status = wait_for(scaled_up, 240, "the autoscaler to bring the tiny model to 2 replicas")
+        assert status["autoscaling"]["managesReplicas"] is True
+        events = llama4ctl(
+            "dev", "kubectl", "--name", name, "get", "events", "-n", NAMESPACE,
+            "--field-selector", "involvedObject.name=tiny,reason=ScaledUp", "-o", "name",
+        )  # fmt: skip
+        assert events.stdout.strip(), "no ScaledUp event on the tiny deployment"
         nodes = {node["name"] for node in cluster.nodes()}
         placed = [w["node"] for r in status["placement"]["replicas"] for w in r["workers"]]
         assert placed
         assert set(placed) <= nodes
 
-        wait_for(
-            lambda: "up" in target_health(summary["prometheus_url"]).get("llama4-operator", []),
-            60,
-            "Prometheus to scrape the operator",
-        )
+        for job in ("llama4-operator", "llama4-serving"):  # the operator, the replicas
+            wait_for(
+                lambda job=job: "up" in target_health(summary["prometheus_url"]).get(job, []),
+                60,
+                f"Prometheus to scrape {job}",
+            )
         ray_pids = {
             pid: command
             for pid, command in _started_by(directory).items()

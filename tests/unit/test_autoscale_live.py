@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import subprocess
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,6 +28,7 @@ from llama4_operator.planners.autoscaling_inputs import (
     policy_config,
 )
 from llama4_operator.serving_metrics import (
+    PROMPT_TOKENS,
     DeploymentTarget,
     DirectSource,
     MetricsUnavailable,
@@ -199,12 +202,71 @@ def test_prometheus_source_selects_the_deployment_and_groups_by_instance() -> No
     snapshot = asyncio.run(source.snapshot(TARGET))
     assert snapshot.replicas["10.0.0.1:9001"] == ReplicaCounters(100, 2, 2, 2, {(3, 0): 7})
     assert snapshot.replicas["10.0.0.2:9002"].prompt_tokens == 50
-    assert all('namespace="llm",model_name="tiny-llama4"' in q for q in queries)
+    assert all('namespace="llm",llama4_deployment="chat"' in q for q in queries)
     assert all("by (instance" in q for q in queries)
     assert any("expert_routed" in q for q in queries)
     without_routed = source.queries(TARGET, routed=False)
     assert not any("expert_routed" in q for q in without_routed.values())
     assert len(without_routed) == len(source.queries(TARGET)) - 1
+
+
+def test_prometheus_source_queries_keep_deployments_with_one_model_name_apart(
+    tmp_path: Path,
+) -> None:
+    # Evaluated by Prometheus' own engine (promtool): deployment "chat" and "other" both serve
+    # the model "tiny-llama4"; a replica scraped without the deployment label (a user's own
+    # scrape configuration) is matched by the model name.
+    series = {
+        "chat-0": 'llama4_deployment="chat",model_name="tiny-llama4"',
+        "other-0": 'llama4_deployment="other",model_name="tiny-llama4"',
+        "unlabelled-0": 'model_name="tiny-llama4"',
+        "unrelated-0": 'model_name="another-model"',
+    }
+    values = {"chat-0": 100, "other-0": 50, "unlabelled-0": 7, "unrelated-0": 3}
+    query = PrometheusSource("http://prom:9090").queries(TARGET)[PROMPT_TOKENS]
+    case = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {
+                        "series": f'{PROMPT_TOKENS}{{namespace="llm",instance="{instance}",'
+                        f"{labels}}}",
+                        "values": f"{values[instance]}x2",
+                    }
+                    for instance, labels in series.items()
+                ]
+                + [
+                    {
+                        "series": f'{PROMPT_TOKENS}{{namespace="elsewhere",instance="x-0",'
+                        'llama4_deployment="chat",model_name="tiny-llama4"}',
+                        "values": "9x2",
+                    }
+                ],
+                "promql_expr_test": [
+                    {
+                        "expr": query,
+                        "eval_time": "1m",
+                        "exp_samples": [
+                            {"labels": '{instance="chat-0"}', "value": 100},
+                            {"labels": '{instance="unlabelled-0"}', "value": 7},
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "queries.test.yaml"
+    path.write_text(json.dumps(case))
+    result = subprocess.run(
+        ["/usr/bin/promtool", "test", "rules", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, query + "\n" + result.stdout + result.stderr
 
 
 def test_prometheus_source_errors_say_what_failed() -> None:

@@ -156,6 +156,118 @@ def test_ready_only_when_the_ray_service_says_running() -> None:
     assert sample("llama4_operator_gpus", labels) is None
 
 
+def _ray_service_scaling(kube: FakeKube, llm_server_status: str) -> None:
+    """What KubeRay writes while Serve changes the engine deployment: Serve reports a change of
+    `num_replicas` as an application DEPLOYING with the deployment UPSCALING."""
+    kube.objects[("RayService", "llm", "maverick")]["status"] = {
+        "activeServiceStatus": {
+            "applicationStatuses": {
+                "maverick": {
+                    "status": "DEPLOYING",
+                    "serveDeploymentStatuses": {
+                        "OpenAIIngress": {"status": "HEALTHY"},
+                        "LLMServer": {"status": llm_server_status},
+                    },
+                }
+            }
+        }
+    }
+
+
+def test_a_scale_up_keeps_the_deployment_ready_on_the_replicas_already_up() -> None:
+    kube = FakeKube(h100_hosts(2))
+    reconciler = Reconciler(kube, CONFIG, clock=lambda: START)
+    run(reconciler, body("maverick"))
+    kube.objects[("RayService", "llm", "maverick")]["status"] = {
+        "activeServiceStatus": {"applicationStatuses": {"maverick": {"status": "RUNNING"}}}
+    }
+    run(reconciler, body("maverick", status=kube.statuses[-1]))
+    assert kube.statuses[-1]["readyReplicas"] == 1
+    events_before = len(kube.events)
+
+    _ray_service_scaling(kube, "UPSCALING")
+    run(reconciler, body("maverick", status=kube.statuses[-1], replicas=2))
+    status = kube.statuses[-1]
+    found = conditions(status)
+    assert found["Ready"]["status"] == "True"
+    assert found["Ready"]["reason"] == "ServingWhileDeploying"
+    assert "LLMServer UPSCALING" in found["Ready"]["message"]
+    assert (
+        found["Ready"]["lastTransitionTime"]
+        == conditions(kube.statuses[-2])["Ready"]["lastTransitionTime"]
+    )
+    assert found["Progressing"]["status"] == "True"
+    assert (status["replicas"], status["readyReplicas"]) == (2, 1)  # the new one is starting
+    new_events = kube.events[events_before:]
+    assert not [e for e in new_events if e[0] == "Warning"], new_events
+
+
+def test_a_configuration_update_is_not_ready_when_the_host_gives_no_replica_counts() -> None:
+    # UPDATING may replace every replica (new code or args), and KubeRay does not say how many
+    # are up, so readiness is not claimed.
+    kube = FakeKube(h100_hosts(1))
+    reconciler = Reconciler(kube, CONFIG, clock=lambda: START)
+    run(reconciler, body("maverick"))
+    _ray_service_scaling(kube, "UPDATING")
+    run(reconciler, body("maverick", status={**kube.statuses[-1], "readyReplicas": 1}))
+    found = conditions(kube.statuses[-1])
+    assert found["Ready"]["status"] == "False"
+    assert "LLMServer UPDATING" in found["Ready"]["message"]
+    assert kube.statuses[-1]["readyReplicas"] == 0
+
+
+def _external_details(status: str, llm_server_states: list[str]) -> dict[str, Any]:
+    """Ray Serve's REST details for the tiny app, with its replicas' states."""
+
+    def deployment(states: list[str]) -> dict[str, Any]:
+        return {
+            "status": "HEALTHY" if set(states) == {"RUNNING"} else "UPSCALING",
+            "replicas": [{"replica_id": f"r{i}", "state": s} for i, s in enumerate(states)],
+        }
+
+    return {
+        "applications": {
+            "llm-tiny": {
+                "status": status,
+                "message": "",
+                "deployments": {
+                    "OpenAIIngress": deployment(["RUNNING"]),
+                    "LLMServer": deployment(llm_server_states),
+                },
+            }
+        }
+    }
+
+
+@pytest.mark.parametrize(
+    ("app_status", "llm_server_states", "ready", "ready_replicas"),
+    [
+        ("RUNNING", ["RUNNING", "RUNNING"], "True", 2),
+        ("DEPLOYING", ["RUNNING", "STARTING"], "True", 1),  # scaling up: one answers
+        ("DEPLOYING", ["STARTING", "STARTING"], "False", 0),  # first start: none answers yet
+        ("UNHEALTHY", ["RUNNING", "RUNNING"], "False", 0),
+    ],
+)
+def test_external_ray_mode_counts_the_engine_replicas_that_run(
+    app_status: str, llm_server_states: list[str], ready: str, ready_replicas: int
+) -> None:
+    details = _external_details(app_status, llm_server_states)
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=details if request.method == "GET" else {})
+
+    dashboard = RayDashboard("http://10.0.0.5:8265", transport=httpx.MockTransport(handle))
+    config = OperatorConfig(
+        image="img", ray_version="2.60.0", external_ray_dashboard="http://10.0.0.5:8265"
+    )
+    kube = FakeKube(h100_hosts(2))
+    reconciler = Reconciler(kube, config, dashboard, clock=lambda: START)
+    run(reconciler, body("tiny-reference", replicas=2))
+    status = kube.statuses[-1]
+    assert conditions(status)["Ready"]["status"] == ready
+    assert status["readyReplicas"] == ready_replicas
+
+
 def test_unchanged_conditions_keep_their_time_and_post_no_new_events() -> None:
     kube = FakeKube(h100_hosts(1))
     clock = iter([START, START + timedelta(minutes=5)])

@@ -29,6 +29,7 @@ from llama4_operator.handlers.status import (
     invalid_spec_conditions,
     merge_conditions,
     ray_service_health,
+    serve_details_health,
     transitions,
 )
 from llama4_operator.kube import SERVICE_MONITOR_CRD, KubeApi
@@ -233,8 +234,7 @@ class Reconciler:
         if not state.fit.fits or not state.placed_replicas:
             return None
         if self.dashboard is not None:
-            status, message = await self.dashboard.status(external_app_name(owner))
-            return ServeHealth(status, message)
+            return serve_details_health(await self.dashboard.application(external_app_name(owner)))
         ray_service = await self.kube.get("ray.io/v1", "RayService", owner.namespace, owner.name)
         return ray_service_health(ray_service, owner.name)
 
@@ -260,6 +260,7 @@ class Reconciler:
             endpoint=(
                 endpoint_url(owner, spec, self.config.external_ray_dashboard) if spec else ""
             ),
+            previously_ready=previous_status(body).ready_replicas,
         )
         _forget_stale_measurement(body, status)
         await self.kube.patch_status(owner.namespace, owner.name, status)

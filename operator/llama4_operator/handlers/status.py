@@ -2,13 +2,16 @@
 
 Conditions follow metav1.Condition: `lastTransitionTime` changes only when the status does, and
 each carries the generation it was computed for. Health is read from the RayService (or the
-external Ray dashboard) and never assumed: without a RUNNING Serve application, Ready is False.
+external Ray dashboard) and never assumed. Ready means "serving requests": a RUNNING Serve
+application, or one DEPLOYING only because replicas are being added or removed (Serve reports
+every change of `num_replicas` as DEPLOYING) while those already up keep answering, like a
+Deployment that stays Available during a scale-up.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -22,8 +25,13 @@ from llama4_operator.api.models import (
 )
 from llama4_operator.planners.gpu_products import GIB
 from llama4_operator.renderers.deployment import DesiredState
+from llama4_serving.config import LLM_SERVER_DEPLOYMENT
 
 RUNNING = "RUNNING"
+DEPLOYING = "DEPLOYING"
+REPLICA_RUNNING = "RUNNING"
+# Serve deployment states in which the replicas already started go on serving.
+SERVING_DEPLOYMENT_STATES = frozenset({"HEALTHY", "UPSCALING", "DOWNSCALING"})
 
 
 @dataclass(frozen=True)
@@ -49,10 +57,51 @@ class ServeHealth:
 
     status: str  # RUNNING, DEPLOYING, UNHEALTHY, ... or NOT_FOUND / UNREACHABLE
     message: str = ""
+    # Serve deployment -> its status (HEALTHY, UPDATING, UPSCALING, ...), where reported.
+    deployments: Mapping[str, str] = field(default_factory=dict)
+    # Serve deployment -> replicas in state RUNNING; None where the host does not say (KubeRay).
+    running_replicas: Mapping[str, int] | None = None
 
     @property
     def running(self) -> bool:
         return self.status == RUNNING
+
+    @property
+    def serving(self) -> bool:
+        """Whether requests are answered now, even while replicas are added or removed."""
+        if self.running:
+            return True
+        if self.running_replicas is not None:
+            return (
+                self.status == DEPLOYING
+                and bool(self.running_replicas)
+                and all(count > 0 for count in self.running_replicas.values())
+            )
+        return (
+            self.status == DEPLOYING
+            and bool(self.deployments)
+            and all(state in SERVING_DEPLOYMENT_STATES for state in self.deployments.values())
+        )
+
+    def ready_replicas(self, placed: int, previously_ready: int) -> int:
+        """Engine replicas serving, at most the placed ones. Without counts from the host: all
+        placed ones when RUNNING, else those ready before (a scale does not stop them)."""
+        if not self.serving:
+            return 0
+        if self.running_replicas is not None:
+            return min(self.running_replicas.get(LLM_SERVER_DEPLOYMENT, 0), placed)
+        if self.running:
+            return placed
+        return min(max(previously_ready, 1), placed)
+
+    @property
+    def detail(self) -> str:
+        """e.g. "Serve application status DEPLOYING (LLMServer UPSCALING): message"."""
+        text = f"Serve application status {self.status}"
+        changing = {n: s for n, s in self.deployments.items() if s != "HEALTHY"}
+        if changing:
+            text += " (" + ", ".join(f"{n} {s}" for n, s in sorted(changing.items())) + ")"
+        return f"{text}: {self.message}" if self.message else text
 
 
 def ray_service_health(ray_service: Mapping[str, Any] | None, app_name: str) -> ServeHealth:
@@ -70,7 +119,39 @@ def ray_service_health(ray_service: Mapping[str, Any] | None, app_name: str) -> 
         return ServeHealth(
             "NOT_STARTED", "KubeRay reports no Serve application yet (Ray cluster starting)"
         )
-    return ServeHealth(str(app.get("status", "UNKNOWN")), str(app.get("message", "") or ""))
+    deployments = app.get("serveDeploymentStatuses") or {}
+    return ServeHealth(
+        str(app.get("status", "UNKNOWN")),
+        str(app.get("message", "") or ""),
+        deployments={
+            str(name): str(d.get("status", "UNKNOWN"))
+            for name, d in deployments.items()
+            if isinstance(d, Mapping)
+        },
+    )
+
+
+def serve_details_health(app: Mapping[str, Any]) -> ServeHealth:
+    """Read one application of Ray Serve's REST details (`GET /api/serve/applications/`), which
+    lists each deployment's replicas and their states."""
+    deployments = {
+        str(name): d for name, d in (app.get("deployments") or {}).items() if isinstance(d, Mapping)
+    }
+    return ServeHealth(
+        str(app.get("status", "UNKNOWN")),
+        str(app.get("message", "") or ""),
+        deployments={name: str(d.get("status", "UNKNOWN")) for name, d in deployments.items()},
+        # No counts while the details list no deployment (an application still building).
+        running_replicas={
+            name: sum(
+                1
+                for replica in d.get("replicas") or []
+                if isinstance(replica, Mapping) and replica.get("state") == REPLICA_RUNNING
+            )
+            for name, d in deployments.items()
+        }
+        or None,
+    )
 
 
 def merge_conditions(
@@ -164,11 +245,13 @@ def deployment_conditions(state: DesiredState, health: ServeHealth | None) -> li
     elif health is not None and health.running:
         ready = ConditionUpdate("Ready", "True", "ServeApplicationRunning", "serving requests")
         progressing = ConditionUpdate("Progressing", "False", "Deployed", "the plan is deployed")
+    elif health is not None and health.serving:
+        ready = ConditionUpdate(
+            "Ready", "True", "ServingWhileDeploying", f"serving requests; {health.detail}"
+        )
+        progressing = ConditionUpdate("Progressing", "True", "Deploying", health.detail)
     else:
-        status = health.status if health else "UNKNOWN"
-        detail = f"Serve application status {status}"
-        if health and health.message:
-            detail += f": {health.message}"
+        detail = health.detail if health else "Serve application status UNKNOWN"
         ready = ConditionUpdate("Ready", "False", "ServeApplicationNotHealthy", detail)
         progressing = ConditionUpdate("Progressing", "True", "Deploying", detail)
     return [ready, progressing, degraded, fits]
@@ -226,6 +309,7 @@ def build_status(
     selector: str,
     endpoint: str,
     tokens_per_second: float | None = None,
+    previously_ready: int = 0,
 ) -> dict[str, Any]:
     """The status subresource, as the JSON to merge-patch."""
     placed = state.placed_replicas if state else 0
@@ -233,7 +317,7 @@ def build_status(
         observed_generation=generation,
         conditions=conditions,
         replicas=placed,
-        ready_replicas=placed if health is not None and health.running else 0,
+        ready_replicas=health.ready_replicas(placed, previously_ready) if health else 0,
         selector=selector,
         endpoint=endpoint if state is not None and state.fit.fits else "",
         placement=placement_status(state) if state else None,
