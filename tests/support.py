@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,8 +12,8 @@ from typing import Any
 
 import yaml
 
+from llama4_operator.devenv import operator_process as devenv_operator
 from llama4_operator.devenv import tools as devtools
-from llama4_operator.devenv.cluster import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CRD = REPO / "manifests" / "crd" / "serving.llama4.dev_llama4deployments.yaml"
@@ -58,16 +56,6 @@ class Kubectl:
             raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr}")
         return result.stdout if check else result.stdout + result.stderr
 
-    def wait_established(self, crd: str, timeout_s: float = 60) -> None:
-        """Poll until the CRD serves its kind (`kubectl wait` fails outright while a new CRD
-        has no conditions yet, so the jsonpath is read with check=False)."""
-        established = '-o=jsonpath={.status.conditions[?(@.type=="Established")].status}'
-        wait_for(
-            lambda: self.run("get", "crd", crd, established, check=False) == "True",
-            timeout_s,
-            f"the CRD {crd} to be Established",
-        )
-
     def apply(self, manifest: dict[str, Any] | str, namespace: str, check: bool = True) -> str:
         text = manifest if isinstance(manifest, str) else yaml.safe_dump(manifest)
         return self.run("apply", "-n", namespace, "-f", "-", input=text, check=check)
@@ -99,48 +87,7 @@ class Kubectl:
 
 
 @dataclass
-class OperatorProcess:
-    """The operator as users run it; tests may kill and restart it."""
+class OperatorProcess(devenv_operator.OperatorProcess):
+    """The operator as users run it, resyncing often so tests converge fast."""
 
-    kubeconfig: Path
-    log_dir: Path
-    metrics_port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
-    starts: int = 0
-    extra_args: tuple[str, ...] = ()  # e.g. ("--peering=NAME", "--peering-priority=100")
-
-    def start(self) -> None:
-        self.starts += 1
-        log = (self.log_dir / f"operator-{self.starts}.log").open("wb")
-        self.process = subprocess.Popen(
-            [
-                LLAMA4CTL,
-                "operator",
-                "--all-namespaces",
-                f"--kubeconfig={self.kubeconfig}",
-                f"--metrics-port={self.metrics_port}",
-                "--resync-interval=3",
-                *self.extra_args,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            start_new_session=True,
-        )
-
-    def kill(self) -> None:
-        """SIGKILL: no clean shutdown, as when a node dies."""
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def log(self) -> str:
-        return "\n".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("*.log")))
+    resync_interval_s: float | None = 3

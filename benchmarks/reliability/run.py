@@ -19,11 +19,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -32,7 +29,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +41,9 @@ from rich.table import Table
 
 from llama4_operator.api.models import Llama4DeploymentSpec
 from llama4_operator.devenv import tools as devtools
-from llama4_operator.devenv.cluster import ClusterConfig, LocalCluster, free_port
+from llama4_operator.devenv.cluster import ClusterConfig, LocalCluster
 from llama4_operator.devenv.nodes import NodePool
+from llama4_operator.devenv.operator_process import OperatorProcess
 from llama4_operator.kube import Kube
 from llama4_operator.renderers.children import Owner, RayPodSettings
 from llama4_operator.renderers.deployment import Previous, desired_state
@@ -53,7 +51,6 @@ from llama4_operator.renderers.deployment import Previous, desired_state
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "manifests" / "crd" / "serving.llama4.dev_llama4deployments.yaml"
 SAMPLES = REPO / "manifests" / "samples"
-LLAMA4CTL = str(Path(sys.executable).with_name("llama4ctl"))
 GROUP, VERSION, PLURAL = "serving.llama4.dev", "v1alpha1", "llama4deployments"
 DEPLOYMENT_LABEL = "serving.llama4.dev/deployment"
 NAMESPACE = "bench"
@@ -64,58 +61,6 @@ EXPECTED_CHILDREN = {"Service": 2, "ConfigMap": 1, "RayService": 1}
 
 console = Console(stderr=True, log_path=False)
 Json = dict[str, Any]
-
-
-@dataclass
-class Operator:
-    """`llama4ctl operator` as a process; the pid is the Python process itself (for VmHWM)."""
-
-    kubeconfig: Path
-    log_dir: Path
-    metrics_port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
-    starts: int = 0
-    peak_rss_mb: list[float] = field(default_factory=list)
-
-    def start(self) -> None:
-        self.starts += 1
-        log = (self.log_dir / f"operator-{self.starts}.log").open("wb")
-        self.process = subprocess.Popen(
-            [
-                LLAMA4CTL,
-                "operator",
-                "--all-namespaces",
-                f"--kubeconfig={self.kubeconfig}",
-                f"--metrics-port={self.metrics_port}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            start_new_session=True,
-        )
-
-    def peak_rss(self) -> float:
-        """VmHWM of the running process, in MB (10^6 bytes)."""
-        assert self.process is not None
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / 1e6
-        raise RuntimeError("no VmHWM in /proc status")
-
-    def kill(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.peak_rss_mb.append(self.peak_rss())
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.peak_rss_mb.append(self.peak_rss())
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 def manifests(count: int, seed: int) -> list[Json]:
@@ -212,7 +157,9 @@ class ReconciledWatch:
 
 
 @contextmanager
-def cluster_with_operator(nodes: int, workdir: Path) -> Iterator[tuple[LocalCluster, Operator]]:
+def cluster_with_operator(
+    nodes: int, workdir: Path
+) -> Iterator[tuple[LocalCluster, OperatorProcess]]:
     cluster = LocalCluster(
         ClusterConfig(
             name="bench-reliability",
@@ -227,34 +174,16 @@ def cluster_with_operator(nodes: int, workdir: Path) -> Iterator[tuple[LocalClus
         kuberay = devtools.ensure_tools(["kuberay"], console=console)["kuberay"]
         for crd in [CRD, *sorted((kuberay.home / "crds").glob("*.yaml"))]:
             utils.create_from_yaml(api_client, str(crd))
-        extensions = client.ApiextensionsV1Api(api_client)
-        for crd_name in ("llama4deployments.serving.llama4.dev", "rayservices.ray.io"):
-            _wait(
-                lambda n=crd_name: any(
-                    c.type == "Established" and c.status == "True"
-                    for c in extensions.read_custom_resource_definition(n).status.conditions or []
-                ),
-                60,
-                f"CRD {crd_name} Established",
-            )
+        cluster.wait_established(["llama4deployments.serving.llama4.dev", "rayservices.ray.io"])
         core = client.CoreV1Api(api_client)
         core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=NAMESPACE)))
         (workdir / "operator").mkdir()
-        operator = Operator(cluster.kubeconfig, workdir / "operator")
+        operator = OperatorProcess(cluster.kubeconfig, workdir / "operator")
         operator.start()
         try:
             yield cluster, operator
         finally:
             operator.stop()
-
-
-def _wait(condition: Any, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.25)
-    raise RuntimeError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -327,7 +256,7 @@ class ChaosResult:
 def run_chaos(
     api_client: Any,
     watcher: ReconciledWatch,
-    operator: Operator,
+    operator: OperatorProcess,
     deployments: list[Json],
     kills: int,
     seed: int,

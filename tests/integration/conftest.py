@@ -22,7 +22,7 @@ def operator(
     local_cluster: LocalCluster, kubectl: Kubectl, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
     kubectl.run("apply", "--server-side", "-f", str(CRD))
-    kubectl.wait_established("llama4deployments.serving.llama4.dev")
+    local_cluster.wait_established(["llama4deployments.serving.llama4.dev"])
     running = OperatorProcess(local_cluster.kubeconfig, tmp_path_factory.mktemp("operator"))
     running.start()
     try:

@@ -39,8 +39,7 @@ def chaos_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
         kubectl = Kubectl(cluster.kubeconfig)
         for crd in crds:
             kubectl.run("apply", "--server-side", "-f", str(crd))
-        for crd in ("llama4deployments.serving.llama4.dev", "rayservices.ray.io"):
-            kubectl.wait_established(crd)
+        cluster.wait_established(["llama4deployments.serving.llama4.dev", "rayservices.ray.io"])
         yield cluster
 
 

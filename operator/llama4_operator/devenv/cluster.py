@@ -491,6 +491,26 @@ class LocalCluster:
                 time.sleep(0.5)
         self.console.log(f"[green]✓[/] {expected} simulated GPU nodes Ready")
 
+    def wait_established(self, crds: Sequence[str], timeout_s: float = 60) -> None:
+        """Poll until each CRD (plural.group) serves its kind: a CRD just created has no
+        conditions yet, so `kubectl wait` would fail outright instead of waiting."""
+        deadline = time.monotonic() + timeout_s
+        with self._admin_http() as client:
+            for crd in crds:
+                while not self._established(client, crd):
+                    if time.monotonic() > deadline:
+                        raise ClusterError(f"the CRD {crd} is not Established after {timeout_s} s")
+                    time.sleep(0.25)
+
+    @staticmethod
+    def _established(client: httpx.Client, crd: str) -> bool:
+        response = client.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd}")
+        if response.status_code == 404:
+            return False
+        response.raise_for_status()
+        conditions = (response.json().get("status") or {}).get("conditions") or []
+        return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
+
     def nodes(self) -> list[dict[str, Any]]:
         """Simulated nodes with readiness and allocatable GPUs (for status and tests)."""
         with self._admin_http() as client:

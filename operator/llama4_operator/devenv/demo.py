@@ -78,21 +78,12 @@ class Kube:
         if not CRD.exists():
             raise DemoError(f"the CRD is missing at {CRD}; run the demo from a checkout")
         self.kubectl("apply", "--server-side", "-f", str(CRD))
-        self._wait_established("llama4deployments.serving.llama4.dev")
+        self.cluster.wait_established(["llama4deployments.serving.llama4.dev"])
         self.console.log("[green]✓[/] Llama4Deployment CRD installed")
 
     def create_namespace(self, namespace: str) -> None:
         manifest = self.kubectl("create", "namespace", namespace, "--dry-run=client", "-o=json")
         self.kubectl("apply", "-f", "-", stdin=manifest)
-
-    def _wait_established(self, crd: str, timeout_s: float = 60) -> None:
-        # `kubectl wait` fails outright while the new CRD has no status yet, so poll instead.
-        query = '-o=jsonpath={.status.conditions[?(@.type=="Established")].status}'
-        deadline = time.monotonic() + timeout_s
-        while self.kubectl("get", "crd", crd, query) != "True":
-            if time.monotonic() > deadline:
-                raise DemoError(f"CRD {crd} not Established after {timeout_s:.0f} s")
-            time.sleep(0.5)
 
     def start_operator(self, port: int, *extra_args: str) -> None:
         """The operator as a local process (a component of the cluster), not a Helm-installed
