@@ -13,7 +13,9 @@ retried later with a delay) or `PermanentError` (a request the API server will n
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Protocol, TypeVar, cast
 
@@ -56,6 +58,8 @@ ZONE_LABEL = "topology.kubernetes.io/zone"
 NODE_POOL_LABEL = "llama4.dev/node-pool"
 NVLINK_LABEL = "llama4.dev/nvlink-domain"
 TEMPORARY_DELAY_S = 10.0
+# How long a list of Nodes serves placement before it is listed again.
+NODE_LIST_TTL_S = 5.0
 PERMISSION_DELAY_S = 60.0
 _TRANSIENT_STATUSES = frozenset({409, 429})
 
@@ -292,9 +296,15 @@ def kopf_connection(kubeconfig: str | None, trust_env: bool) -> kopf.ConnectionI
 class Kube:
     """The real cluster, through the DynamicClient."""
 
-    def __init__(self, api_client: client.ApiClient | None = None) -> None:
+    def __init__(
+        self,
+        api_client: client.ApiClient | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._api_client = api_client
         self._dynamic: Any = None
+        self._clock = clock
+        self._nodes: tuple[float, list[GpuNode]] | None = None  # (listed at, nodes)
 
     @classmethod
     def from_kubeconfig(cls, kubeconfig: str | None = None) -> Kube:
@@ -442,16 +452,28 @@ class Kube:
         items: list[dict[str, Any]] = json.loads(response.data).get("items") or []
         return items
 
-    async def gpu_nodes(self, owner_namespace: str, owner: str) -> list[GpuNode]:
-        def run() -> list[GpuNode]:
-            nodes = self._list_items("v1", "Node")
-            pods = self._list_items("v1", "Pod", field_selector="spec.nodeName!=")
-            deployments = self._list_items(f"{GROUP}/{VERSION}", KIND)
-            used = gpus_used_by_others(pods, deployments, owner_namespace, owner)
-            found = (gpu_node_from(n, used.get(n["metadata"]["name"], 0)) for n in nodes)
-            return [n for n in found if n is not None]
+    def _gpu_nodes_unused(self) -> list[GpuNode]:
+        """Every Node with GPUs, none counted as used; listed again once NODE_LIST_TTL_S has
+        passed (blocking). On 1,000 nodes the list is most of a reconciliation's time, and nodes
+        change far less often than once per reconciliation; what the other deployments use is
+        read fresh each time. Only the planner's view of each node is kept, not the Nodes."""
+        now = self._clock()
+        if self._nodes is None or now - self._nodes[0] >= NODE_LIST_TTL_S:
+            found = (gpu_node_from(n, 0) for n in self._list_items("v1", "Node"))
+            self._nodes = (now, [n for n in found if n is not None])
+        return self._nodes[1]
 
-        return await _call("list GPU nodes", run)
+    async def gpu_nodes(self, owner_namespace: str, owner: str) -> list[GpuNode]:
+        nodes, pods, deployments = await asyncio.gather(
+            _call("list nodes", self._gpu_nodes_unused),
+            _call(
+                "list pods",
+                lambda: self._list_items("v1", "Pod", field_selector="spec.nodeName!="),
+            ),
+            _call("list Llama4Deployments", lambda: self._list_items(f"{GROUP}/{VERSION}", KIND)),
+        )
+        used = gpus_used_by_others(pods, deployments, owner_namespace, owner)
+        return [dataclasses.replace(n, used_gpus=used.get(n.name, 0)) for n in nodes]
 
     async def crd_exists(self, name: str) -> bool:
         def run() -> bool:

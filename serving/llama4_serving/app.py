@@ -563,12 +563,10 @@ def build_app(args: dict[str, Any]) -> Application:
     replica_cpus = float(config.engine_args.get("replica_num_cpus", 1))
     # The replicas get the knobs through `reconfigure` only, so both paths start them alike.
     server_args = application_args(config)
-    overrides = llm_server_overrides(config)
+    # The same options the operator renders as the deployment-level override (less its name).
+    overrides = {k: v for k, v in llm_server_overrides(config).items() if k != "name"}
     server = LLMServer.options(  # type: ignore[attr-defined]
-        num_replicas=overrides["num_replicas"],
-        user_config=overrides["user_config"],
-        max_ongoing_requests=overrides["max_ongoing_requests"],
-        ray_actor_options={"num_cpus": replica_cpus},
+        **overrides, ray_actor_options={"num_cpus": replica_cpus}
     ).bind(server_args)
     app: Application = OpenAIIngress.options(  # type: ignore[attr-defined]
         ray_actor_options={"num_cpus": 0}

@@ -153,3 +153,22 @@ def test_only_objects_owned_by_the_deployment_are_pruned() -> None:
     slice_of_our_service = {"metadata": {"ownerReferences": [{"uid": "svc-9", "kind": "Service"}]}}
     assert kube.owned_by(ours, "uid-1")
     assert not kube.owned_by(slice_of_our_service, "uid-1")
+
+
+def test_the_node_list_is_reused_for_a_few_seconds_and_usage_is_read_every_time() -> None:
+    now = [100.0]
+    reads: list[str] = []
+    cluster = kube.Kube(clock=lambda: now[0])
+
+    def list_items(api_version: str, kind: str, **query: object) -> list[dict[str, object]]:
+        reads.append(kind)
+        return [node("gpu-0", "8")] if kind == "Node" else []
+
+    cluster._list_items = list_items  # type: ignore[method-assign]
+    for _ in range(3):
+        (found,) = asyncio.run(cluster.gpu_nodes("llm", "scout"))
+        assert (found.name, found.allocatable_gpus) == ("gpu-0", 8)
+    assert sorted(reads) == ["Llama4Deployment"] * 3 + ["Node"] + ["Pod"] * 3
+    now[0] += kube.NODE_LIST_TTL_S
+    asyncio.run(cluster.gpu_nodes("llm", "scout"))
+    assert reads.count("Node") == 2
