@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -11,12 +12,19 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 
 from llama4_operator.devenv import operator_process as devenv_operator
 from llama4_operator.devenv import tools as devtools
 
 REPO = Path(__file__).resolve().parents[1]
 CRD = REPO / "manifests" / "crd" / "serving.llama4.dev_llama4deployments.yaml"
+# The public contract (docs/api.md): the API of Llama4Deployment and the label of every child.
+GROUP, VERSION, PLURAL = "serving.llama4.dev", "v1alpha1", "llama4deployments"
+DEPLOYMENT_LABEL = "serving.llama4.dev/deployment"
+
+Json = dict[str, Any]
 LLAMA4CTL = str(Path(sys.executable).with_name("llama4ctl"))
 
 
@@ -91,3 +99,31 @@ class OperatorProcess(devenv_operator.OperatorProcess):
     """The operator as users run it, resyncing often so tests converge fast."""
 
     resync_interval_s: float | None = 3
+
+
+class DeploymentsApi:
+    """Llama4Deployments through the Kubernetes API (faster than a kubectl process per poll),
+    as plain JSON objects, camelCase like kubectl's."""
+
+    def __init__(self, api_client: client.ApiClient) -> None:
+        self.core = client.CoreV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+
+    def deployment(self, namespace: str, name: str) -> Json | None:
+        try:
+            response = self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, _preload_content=False
+            )
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        found: Json = json.loads(response.data)
+        return found
+
+    def deployments(self, namespace: str) -> list[Json]:
+        response = self.custom.list_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, _preload_content=False
+        )
+        items: list[Json] = json.loads(response.data)["items"]
+        return items

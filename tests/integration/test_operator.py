@@ -21,12 +21,18 @@ from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
 from llama4_operator.devenv.cluster import LocalCluster
-from support import REPO, Kubectl, OperatorProcess, wait_for
+from support import (
+    DEPLOYMENT_LABEL,
+    REPO,
+    DeploymentsApi,
+    Json,
+    Kubectl,
+    OperatorProcess,
+    wait_for,
+)
 
 pytestmark = pytest.mark.cluster
 
-GROUP, VERSION, PLURAL = "serving.llama4.dev", "v1alpha1", "llama4deployments"
-DEPLOYMENT_LABEL = "serving.llama4.dev/deployment"  # docs/api.md: the label of every child
 FINALIZER = "serving.llama4.dev/finalizer"
 SAMPLES = REPO / "manifests" / "samples"
 RESYNC_S = 3  # the `operator` fixture's --resync-interval
@@ -35,34 +41,17 @@ DRIFT_TIMEOUT_S = RESYNC_S * 10
 H100 = "NVIDIA-H100-80GB-HBM3"
 
 
-Json = dict[str, Any]
-
-
 def _json(response: Any) -> Any:
     """The body of a `_preload_content=False` call: plain JSON, camelCase like kubectl's."""
     return json.loads(response.data)
 
 
-class Api:
-    """Reads through the Kubernetes API (faster than a kubectl process per poll), as plain
-    JSON objects."""
+class Api(DeploymentsApi):
+    """The reads these tests make, all as plain JSON objects."""
 
     def __init__(self, api_client: client.ApiClient) -> None:
-        self.core = client.CoreV1Api(api_client)
-        self.custom = client.CustomObjectsApi(api_client)
+        super().__init__(api_client)
         self.extensions = client.ApiextensionsV1Api(api_client)
-
-    def deployment(self, namespace: str, name: str) -> Json | None:
-        try:
-            response = self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, name, _preload_content=False
-            )
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
-        found: Json = _json(response)
-        return found
 
     def ray(self, plural: str, namespace: str) -> list[Json]:
         response = self.custom.list_namespaced_custom_object(

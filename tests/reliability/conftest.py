@@ -5,12 +5,10 @@ check the operator's own objects, and no pods are needed for that."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kubernetes import client
 from reliability_api import Api
 
 from llama4_operator.devenv import tools as devtools
@@ -55,13 +53,8 @@ def kubectl(chaos_cluster: LocalCluster) -> Kubectl:
 
 @pytest.fixture
 def namespace(api: Api) -> Iterator[str]:
-    name = f"rel-{uuid.uuid4().hex[:8]}"
-    api.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
-    yield name
-    # Finalizers are dropped (the operator may be stopped by now; these tests have no external
-    # Ray to clean up), then the namespace goes in the background.
-    api.release_deployments(name)
-    api.core.delete_namespace(name)
+    with api.scratch_namespace("rel") as name:
+        yield name
 
 
 @pytest.fixture

@@ -4,24 +4,31 @@ the check every chaos test ends with: converged, one child of each, no GPU place
 from __future__ import annotations
 
 import json
+import uuid
 from collections import Counter
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from support import REPO, wait_for
+from support import (
+    DEPLOYMENT_LABEL,
+    GROUP,
+    PLURAL,
+    REPO,
+    VERSION,
+    DeploymentsApi,
+    Json,
+    wait_for,
+)
 
-GROUP, VERSION, PLURAL = "serving.llama4.dev", "v1alpha1", "llama4deployments"
-DEPLOYMENT_LABEL = "serving.llama4.dev/deployment"
 SAMPLES = REPO / "manifests" / "samples"
 # What one deployment owns without KubeRay running (docs/api.md, "Children"): the endpoint and
 # metrics Services, the expert-placement ConfigMap and the RayService.
 ONE_OF_EACH = {"RayService": 1, "Service": 2, "ConfigMap": 1}
 GPUS_PER_NODE = 8
-
-Json = dict[str, Any]
 
 
 def sample(name: str, new_name: str | None = None) -> Json:
@@ -35,10 +42,8 @@ def conditions_of(deployment: Json) -> dict[str, Json]:
     return {c["type"]: c for c in (deployment.get("status") or {}).get("conditions") or []}
 
 
-class Api:
-    def __init__(self, api_client: Any) -> None:
-        self.core = client.CoreV1Api(api_client)
-        self.custom = client.CustomObjectsApi(api_client)
+class Api(DeploymentsApi):
+    """What the reliability tests write and check, on top of the reads."""
 
     def create(self, namespace: str, manifest: Json) -> Json:
         created: Json = self.custom.create_namespaced_custom_object(
@@ -51,25 +56,6 @@ class Api:
             GROUP, VERSION, namespace, PLURAL, name, {"spec": spec}
         )
         return patched
-
-    def deployment(self, namespace: str, name: str) -> Json | None:
-        try:
-            response = self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, name, _preload_content=False
-            )
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
-        found: Json = json.loads(response.data)
-        return found
-
-    def deployments(self, namespace: str) -> list[Json]:
-        response = self.custom.list_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, _preload_content=False
-        )
-        items: list[Json] = json.loads(response.data)["items"]
-        return items
 
     def reconciled(self, namespace: str, name: str) -> Json | None:
         """The deployment once its status describes its current generation, else None."""
@@ -105,6 +91,19 @@ class Api:
             "ray.io", "v1", namespace, "rayservices", name
         )
         return found
+
+    @contextmanager
+    def scratch_namespace(self, prefix: str) -> Iterator[str]:
+        """A new namespace, gone afterwards. Finalizers are dropped first (the operator may be
+        stopped by then, and these tests have no external Ray to clean up); the namespace
+        itself goes in the background."""
+        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        self.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+        try:
+            yield name
+        finally:
+            self.release_deployments(name)
+            self.core.delete_namespace(name)
 
     def release_deployments(self, namespace: str) -> None:
         """Delete every deployment of the namespace and drop its finalizers (test teardown)."""

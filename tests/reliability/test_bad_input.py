@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,12 +15,11 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from reliability_api import GROUP, PLURAL, VERSION, Api, conditions_of, sample
+from reliability_api import Api, conditions_of, sample
 
 from llama4_operator.devenv.cluster import LocalCluster
-from support import OperatorProcess, wait_for
+from support import GROUP, PLURAL, VERSION, OperatorProcess, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -105,11 +103,8 @@ def scout_with(changes: dict[str, Any]) -> Json:
 
 @pytest.fixture(scope="module")
 def fuzz_namespace(api: Api) -> Iterator[str]:
-    name = f"fuzz-{uuid.uuid4().hex[:8]}"
-    api.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
-    yield name
-    api.release_deployments(name)
-    api.core.delete_namespace(name)
+    with api.scratch_namespace("fuzz") as name:
+        yield name
 
 
 @pytest.fixture(scope="module")

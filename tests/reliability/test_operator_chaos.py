@@ -17,18 +17,10 @@ import time
 import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
-from reliability_api import (
-    GROUP,
-    PLURAL,
-    VERSION,
-    Api,
-    assert_converged,
-    sample,
-    wait_all_reconciled,
-)
+from reliability_api import Api, assert_converged, sample, wait_all_reconciled
 
 from llama4_operator.devenv.cluster import LocalCluster
-from support import Kubectl, OperatorProcess, wait_for
+from support import GROUP, PLURAL, VERSION, Kubectl, OperatorProcess, wait_for
 
 pytestmark = pytest.mark.cluster
 
