@@ -6,9 +6,12 @@ replicas), and `cluster down` leaves no process behind, Ray's included."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +55,30 @@ def _started_by(directory: Path) -> dict[int, str]:
     }
 
 
+@contextlib.contextmanager
+def _steady_load(client: OpenAI, model: str, clients: int = 2) -> Iterator[None]:
+    """`clients` threads sending chat requests until the block ends (errors are ignored: the
+    test asserts on the deployment, not on these requests)."""
+    stop = threading.Event()
+
+    def send() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(Exception):
+                client.chat.completions.create(
+                    model=model, max_tokens=16, messages=[{"role": "user", "content": "Hi"}]
+                )
+
+    threads = [threading.Thread(target=send, daemon=True) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=130)
+
+
 def test_demo_serves_the_tiny_model_and_stops_cleanly() -> None:
     name = f"demo-{uuid.uuid4().hex[:6]}"
     cluster = LocalCluster(ClusterConfig(name=name))
@@ -87,14 +114,16 @@ def test_demo_serves_the_tiny_model_and_stops_cleanly() -> None:
             assert listed.returncode == 0, listed.stderr
             return dict(json.loads(listed.stdout))
 
-        # The load (about 250 tokens/s against 10 per replica) scales 1 -> 2; the deployment is
-        # Ready on both replicas once the new one runs.
+        # The demo's load (about 250 tokens/s against 10 per replica) scales 1 -> 2; the
+        # deployment is Ready on both replicas once the new one runs. Load goes on meanwhile, so
+        # that a slow replica start does not meet the scale-down after a minute of no load.
         def scaled_up() -> dict[str, Any] | None:
             status = tiny()["status"]
             ready = {c["type"]: c["status"] for c in status["conditions"]}
             return status if ready["Ready"] == "True" and status["readyReplicas"] == 2 else None
 
-        status = wait_for(scaled_up, 240, "the autoscaler to bring the tiny model to 2 replicas")
+        with _steady_load(client, summary["model"]):
+            status = wait_for(scaled_up, 240, "the autoscaler to bring tiny to 2 ready replicas")
         assert status["autoscaling"]["managesReplicas"] is True
         events = llama4ctl(
             "dev", "kubectl", "--name", name, "get", "events", "-n", NAMESPACE,
