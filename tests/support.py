@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,9 +22,9 @@ CRD = REPO / "manifests" / "crd" / "serving.llama4.dev_llama4deployments.yaml"
 # The public contract (docs/api.md): the API of Llama4Deployment and the label of every child.
 GROUP, VERSION, PLURAL = "serving.llama4.dev", "v1alpha1", "llama4deployments"
 DEPLOYMENT_LABEL = "serving.llama4.dev/deployment"
+LLAMA4CTL = devenv_operator.LLAMA4CTL  # the installed CLI, beside this Python
 
 Json = dict[str, Any]
-LLAMA4CTL = str(Path(sys.executable).with_name("llama4ctl"))
 
 
 def llama4ctl(*args: str, timeout_s: float = 400) -> subprocess.CompletedProcess[str]:

@@ -7,8 +7,8 @@ Prometheus' HTTP API, selecting the deployment's series by the `namespace` and
 matched by `model_name`, the served model name) and grouping them by `instance` (one serving
 replica); `DirectSource` asks the deployment's OpenAI ingress for its live replicas (`GET
 /-/metrics/targets`, Prometheus HTTP service-discovery JSON) and scrapes each replica's
-`/metrics`. Turning two snapshots into rates
-is pure: the snapshot types and counter arithmetic live in `planners.serving_snapshot`.
+`/metrics`. Turning two snapshots into rates is pure: the snapshot types and counter arithmetic
+live in `planners.serving_snapshot`.
 """
 
 from __future__ import annotations

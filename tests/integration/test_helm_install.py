@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from prometheus_server import PrometheusApi, prometheus
 
 from llama4_operator.devenv import tools as devtools
 from llama4_operator.devenv.cluster import LocalCluster, free_port
-from support import CRD, REPO, Kubectl, wait_for
+from support import CRD, LLAMA4CTL, REPO, Kubectl, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -34,7 +33,6 @@ OPERATOR_NS = "l4-helm-system"  # where the chart goes (restricted)
 WATCHED_NS = "l4-helm-models"  # the namespace the operator serves (namespaced mode)
 SERVICE_ACCOUNT = f"{RELEASE}-llama4-operator"  # fullname: release + chart name
 INSTANCE = f"app.kubernetes.io/instance={RELEASE}"
-LLAMA4CTL = str(Path(sys.executable).with_name("llama4ctl"))
 # Kinds the chart creates, for checking what uninstall leaves (docs/install.md keeps the CRDs).
 CLUSTER_KINDS = ("clusterroles", "clusterrolebindings", "clusterkopfpeerings.kopf.dev")
 NAMESPACED_KINDS = (

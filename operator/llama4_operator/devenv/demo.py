@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -31,7 +30,8 @@ from llama4_operator.devenv import tools as devtools
 from llama4_operator.devenv.cluster import LOOPBACK, Component, LocalCluster, free_port
 from llama4_operator.devenv.local_prometheus import ScrapeTargets, start_prometheus
 from llama4_operator.devenv.local_ray import FAKE_GPU, LocalRay, RayClusterStarter, RayNodes
-from llama4_operator.monitoring.rules import READY_REPLICAS
+from llama4_operator.devenv.operator_process import LLAMA4CTL
+from llama4_operator.monitoring.rules import GENERATED_TOKENS_RATE, READY_REPLICAS
 
 REPOSITORY = Path(__file__).resolve().parents[3]
 CRD = REPOSITORY / "manifests" / "crd" / "serving.llama4.dev_llama4deployments.yaml"
@@ -40,8 +40,7 @@ PLACEMENT_SAMPLES = ("scout.yaml", "maverick.yaml")
 NAMESPACE = "llama4-demo"
 SUMMARY_FILE = "demo.json"  # in the cluster's state directory: what the demo started, for tools
 PROMPT = "Mixture of experts models route each token to"
-# Recorded by monitoring/rules (loaded by the demo's Prometheus), keyed by the deployment.
-GENERATED_TOKENS_RATE = "namespace_name:llama4_generation_tokens:rate5m"
+# GENERATED_TOKENS_RATE is recorded by the project's rules, which the demo's Prometheus loads.
 QUERIES = (
     'sum by (job) (up{job=~"llama4-.*|ray"})',
     f'sum by (name) ({GENERATED_TOKENS_RATE}{{namespace="{NAMESPACE}"}})',
@@ -88,12 +87,11 @@ class Kube:
     def start_operator(self, port: int, *extra_args: str) -> None:
         """The operator as a local process (a component of the cluster), not a Helm-installed
         pod: no container image can be built or pulled for the simulated nodes."""
-        llama4ctl = str(Path(sys.executable).with_name("llama4ctl"))
         self.cluster.start_component(
             Component(
                 "llama4-operator",
                 [
-                    llama4ctl,
+                    LLAMA4CTL,
                     "operator",
                     "--all-namespaces",
                     f"--kubeconfig={self.cluster.kubeconfig}",
@@ -248,12 +246,13 @@ class ServingDemo:
         self.kube.install_crd()
         self.kube.create_namespace(NAMESPACE)
         operator_port = free_port()
+        # The tiny sample's app answers under external_route_prefix: /namespace/name.
+        app_url = f"{ray.serve_url}/{NAMESPACE}/{tiny_name()}"
         prometheus_url = start_prometheus(
             self.cluster,
             ScrapeTargets(
                 operator=f"{LOOPBACK}:{operator_port}",
-                # The app the tiny sample becomes (external_route_prefix: /namespace/name).
-                app_url=f"{ray.serve_url}/{NAMESPACE}/{tiny_name()}",
+                app_url=app_url,
                 namespace=NAMESPACE,
                 ray_discovery_file=ray.metrics_discovery_file,
             ),
@@ -263,7 +262,7 @@ class ServingDemo:
         self.console.rule("The tiny Llama 4 reference model")
         model = self._apply_tiny()
         endpoints = DemoEndpoints(
-            openai_base_url=f"{ray.serve_url}/{NAMESPACE}/{tiny_name()}/v1",
+            openai_base_url=f"{app_url}/v1",
             model=str(model["spec"]["model"]["servedModelName"]),
             prometheus_url=prometheus_url,
             ray_dashboard_url=ray.dashboard_url,

@@ -159,7 +159,7 @@ def _quantiles(histogram: str) -> tuple[Target, ...]:
 def overview(sel: Selectors) -> Dashboard:
     """Per deployment: throughput, replicas, latency, errors, GPUs and cost."""
     legend = "{{namespace}}/{{name}}"
-    tokens = f"namespace_name:llama4_generation_tokens:rate5m{{{BY_NAME}}}"
+    tokens = f"{rules.GENERATED_TOKENS_RATE}{{{BY_NAME}}}"
     gpus = f"{rules.DEPLOYMENT_GPUS}{{{sel.operator}, {BY_NAME}}}"
     return Dashboard(
         uid=f"{sel.dashboard_prefix}-overview",
@@ -227,10 +227,7 @@ def overview(sel: Selectors) -> Dashboard:
 def moe(sel: Selectors) -> Dashboard:
     """Mixture-of-experts view: routing per layer and expert, balance, rebalances, autoscaler."""
     legend = "{{namespace}}/{{name}}"
-    routed = (
-        "sum by (layer, expert) "
-        f"(namespace_name_layer_expert:llama4_expert_routed_tokens:rate5m{{{BY_NAME}}})"
-    )
+    routed = f"sum by (layer, expert) ({rules.ROUTED_TOKENS_RATE}{{{BY_NAME}}})"
     return Dashboard(
         uid=f"{sel.dashboard_prefix}-moe",
         title="Llama 4 / Mixture of experts",

@@ -25,6 +25,9 @@ AUTOSCALER_DECISIONS = "llama4_autoscaler_decisions_total"  # counter {namespace
 READY_REPLICAS = "llama4_operator_ready_replicas"  # gauge {namespace, name}
 DEPLOYMENT_GPUS = "llama4_operator_gpus"  # gauge {namespace, name}: GPUs the replicas hold
 EXPERT_REBALANCES = "llama4_operator_expert_rebalances_total"  # counter {namespace, name}
+# Recorded series the dashboards and the demo read, keyed by the Llama4Deployment.
+GENERATED_TOKENS_RATE = "namespace_name:llama4_generation_tokens:rate5m"
+ROUTED_TOKENS_RATE = "namespace_name_layer_expert:llama4_expert_routed_tokens:rate5m"
 
 Rule = dict[str, Any]
 
@@ -44,7 +47,7 @@ def recording_rules(sel: Selectors) -> list[Rule]:
     s = sel.serving
     rules: list[Rule] = [
         {
-            "record": "namespace_name:llama4_generation_tokens:rate5m",
+            "record": GENERATED_TOKENS_RATE,
             "expr": _by_deployment(f"rate(llama4_generation_tokens_total{{{s}}}[5m])"),
         },
         {
@@ -75,7 +78,7 @@ def recording_rules(sel: Selectors) -> list[Rule]:
                 "expr": _by_deployment(f"rate({histogram}_bucket{{{s}}}[5m])", "le"),
             }
         )
-    routed = "namespace_name_layer_expert:llama4_expert_routed_tokens:rate5m"
+    routed = ROUTED_TOKENS_RATE
     rules += [
         {
             "record": routed,
