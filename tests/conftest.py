@@ -15,6 +15,9 @@ from llama4_operator.devenv.nodes import NodePool
 
 # Tests never reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The Ray clusters tests start are loopback-only and unauthenticated, whatever the machine holds:
+# Ray turns token authentication on by itself when ~/.ray/auth_token exists.
+os.environ["RAY_AUTH_MODE"] = "disabled"
 
 
 @pytest.fixture(scope="session")

@@ -27,10 +27,13 @@ LLAMA4CTL = devenv_operator.LLAMA4CTL  # the installed CLI, beside this Python
 Json = dict[str, Any]
 
 
-def llama4ctl(*args: str, timeout_s: float = 400) -> subprocess.CompletedProcess[str]:
-    """Run the installed `llama4ctl` as a user would; never raises on a non-zero exit."""
+def llama4ctl(
+    *args: str, timeout_s: float = 400, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the installed `llama4ctl` as a user would (`env`: its whole environment; default
+    this process'); never raises on a non-zero exit."""
     return subprocess.run(
-        [LLAMA4CTL, *args], capture_output=True, text=True, timeout=timeout_s, check=False
+        [LLAMA4CTL, *args], capture_output=True, text=True, timeout=timeout_s, check=False, env=env
     )
 
 

@@ -6,11 +6,17 @@ application not listed, so every write here reads the current declarative config
 each application's `deployed_app_config`), replaces or drops only this deployment's application,
 and puts the whole list back. Applications deployed imperatively (no `deployed_app_config`) cannot
 be carried over; the dashboard refuses to mix the two, which surfaces as a temporary error.
+
+Ray clusters with token authentication (`RAY_AUTH_MODE=token`) want the token as a bearer token:
+it is read from `token_file` (a mounted Secret; read on every call, so a rotated Secret takes
+effect without a restart), else from `RAY_AUTH_TOKEN`. A refused token is not a blip to retry
+soon: it raises `RayAuthenticationError`, whose message names the fix.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,26 +25,69 @@ import kopf
 APPLICATIONS_PATH = "/api/serve/applications/"
 TIMEOUT_S = 30.0
 RETRY_DELAY_S = 15.0
-# Ray clusters with token authentication want it as a bearer token.
+# A token the cluster refuses stays refused until someone changes a Secret: retry slowly.
+AUTH_RETRY_DELAY_S = 60.0
 TOKEN_ENV = "RAY_AUTH_TOKEN"
+REFUSED = (httpx.codes.UNAUTHORIZED, httpx.codes.FORBIDDEN)
+
+
+class RayAuthenticationError(kopf.TemporaryError):
+    """The Ray dashboard refused the operator's token, or wants one and got none."""
 
 
 class RayDashboard:
     """A Ray dashboard's Serve REST API."""
 
-    def __init__(self, url: str, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        transport: httpx.AsyncBaseTransport | None = None,
+        token_file: str | None = None,
+    ) -> None:
         self.url = url.rstrip("/")
         self._transport = transport
+        self.token_file = token_file
+
+    def _token(self) -> str | None:
+        if self.token_file is None:
+            return os.environ.get(TOKEN_ENV) or None
+        try:
+            return Path(self.token_file).read_text().strip() or None
+        except OSError as error:
+            raise RayAuthenticationError(
+                f"the Ray token file {self.token_file} cannot be read ({error}): mount the "
+                "Secret holding the cluster's token there "
+                "(chart: operator.externalRayAuthTokenSecret)",
+                delay=AUTH_RETRY_DELAY_S,
+            ) from error
 
     def _client(self) -> httpx.AsyncClient:
-        token = os.environ.get(TOKEN_ENV)
+        token = self._token()
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return httpx.AsyncClient(
             base_url=self.url, timeout=TIMEOUT_S, headers=headers, transport=self._transport
         )
 
+    def _refused(self, response: httpx.Response) -> RayAuthenticationError:
+        given = (
+            f"the token from {self.token_file}"
+            if self.token_file
+            else f"${TOKEN_ENV}"
+            if os.environ.get(TOKEN_ENV)
+            else "no token"
+        )
+        return RayAuthenticationError(
+            f"Ray dashboard {self.url} refused {given} ({response.status_code}: "
+            f"{response.text.strip()[:160]}): the cluster has token authentication on; give "
+            "the operator its token (--ray-auth-token-file; chart: "
+            "operator.externalRayAuthTokenSecret)",
+            delay=AUTH_RETRY_DELAY_S,
+        )
+
     async def _details(self, http: httpx.AsyncClient) -> dict[str, Any]:
         response = await http.get(APPLICATIONS_PATH)
+        if response.status_code in REFUSED:
+            raise self._refused(response)
         response.raise_for_status()
         body = response.json()
         return body if isinstance(body, dict) else {}
@@ -74,6 +123,8 @@ class RayDashboard:
                 if application is not None:
                     apps.append(application)
                 response = await http.put(APPLICATIONS_PATH, json={"applications": apps})
+                if response.status_code in REFUSED:
+                    raise self._refused(response)
                 response.raise_for_status()
         except httpx.HTTPError as error:
             raise kopf.TemporaryError(
@@ -89,6 +140,8 @@ class RayDashboard:
                 details = await self._details(http)
         except httpx.HTTPError as error:
             return {"status": "UNREACHABLE", "message": f"Ray dashboard {self.url}: {error}"}
+        except RayAuthenticationError as error:
+            return {"status": "UNAUTHENTICATED", "message": str(error)}
         app = (details.get("applications") or {}).get(name)
         if not isinstance(app, dict):
             return {"status": "NOT_FOUND", "message": f"no application {name} on {self.url}"}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -45,6 +45,17 @@ WAITING_PROMPT_TOKENS = "llama4_prompt_tokens_waiting"
 RUNNING_REQUESTS = "llama4_requests_running"
 ROUTED_TOKENS = "llama4_expert_routed_tokens_total"
 
+# The vllm engine's own series, as Ray's metrics agent exports vLLM's `vllm:*` metrics under Ray
+# Serve LLM (`ray_` prefix, `:` as `_`), one set per engine replica (label `ReplicaId`). vLLM
+# counts waiting requests, not their prompt tokens: the backlog is waiting requests times the
+# replica's mean prompt length so far.
+VLLM_REPLICA_LABEL = "ReplicaId"
+VLLM_PROMPT_TOKENS = "ray_vllm_prompt_tokens_total"
+VLLM_GENERATION_TOKENS = "ray_vllm_generation_tokens_total"
+VLLM_WAITING_REQUESTS = "ray_vllm_num_requests_waiting"
+VLLM_RUNNING_REQUESTS = "ray_vllm_num_requests_running"
+VLLM_PROMPT_LENGTH = "ray_vllm_request_prompt_tokens"  # histogram: _sum and _count
+
 
 # One TLS context for every client: building one per request costs more than the request when
 # a timer reads 100 deployments.
@@ -62,16 +73,22 @@ class DeploymentTarget:
     """Value of the `model_name` label on the serving metrics."""
     endpoint: str
     """status.endpoint (OpenAI base URL); the direct source discovers replicas from it."""
+    engine: str = "reference"
+    """spec.engine.name: which series the replicas export."""
 
     @classmethod
-    def of(cls, body: Mapping[str, Any], served_model_name: str | None) -> DeploymentTarget:
-        """The target of a Llama4Deployment object (`served_model_name`: from its spec)."""
+    def of(
+        cls, body: Mapping[str, Any], served_model_name: str | None, engine: str = "reference"
+    ) -> DeploymentTarget:
+        """The target of a Llama4Deployment object (`served_model_name`, `engine`: from its
+        spec)."""
         meta = body["metadata"]
         return cls(
             namespace=meta["namespace"],
             name=meta["name"],
             served_model_name=served_model_name or meta["name"],
             endpoint=str((body.get("status") or {}).get("endpoint") or ""),
+            engine=engine,
         )
 
 
@@ -143,11 +160,13 @@ class PrometheusSource:
         self._transport = transport
 
     def queries(self, target: DeploymentTarget, *, routed: bool = True) -> dict[str, str]:
-        """Metric name -> PromQL selecting this deployment's series, grouped by instance.
+        """Metric name -> PromQL selecting this deployment's series, grouped by replica.
 
         Two deployments may serve the same model name, so series are selected by the
         deployment label the operator puts on its scrape targets; series scraped without it (a
         scrape configuration of the user's own) fall back to the served model name."""
+        if target.engine == "vllm":
+            return vllm_queries(target)
         namespace = f"namespace={_promql_string(target.namespace)}"
         selectors = (
             f"{namespace},{DEPLOYMENT_SERIES_LABEL}={_promql_string(target.name)}",
@@ -176,15 +195,17 @@ class PrometheusSource:
                 )
         except (httpx.HTTPError, ValueError) as error:
             raise MetricsUnavailable(f"Prometheus at {self.url}: {error}") from error
+        replica_label = VLLM_REPLICA_LABEL if target.engine == "vllm" else "instance"
         for metric, series in zip(queries, results, strict=True):
             for labels, value in series:
-                instance = labels.get("instance", "")
+                instance = labels.get(replica_label, "")
                 if instance:
                     builder.add(instance, metric, labels, value)
         snapshot = builder.build(read_at)
         if not snapshot.replicas:
+            tokens = VLLM_PROMPT_TOKENS if target.engine == "vllm" else PROMPT_TOKENS
             raise MetricsUnavailable(
-                f"Prometheus at {self.url} has no {PROMPT_TOKENS} series for "
+                f"Prometheus at {self.url} has no {tokens} series for "
                 f"namespace={target.namespace!r} {DEPLOYMENT_SERIES_LABEL}={target.name!r} "
                 f"(or, unlabelled, model_name={target.served_model_name!r}): "
                 "is it scraping the replicas?"
@@ -202,6 +223,43 @@ class PrometheusSource:
                 f"Prometheus at {self.url} refused {query!r}: {body.get('error', body)}"
             )
         return [_instant_value(item) for item in body.get("data", {}).get("result", [])]
+
+
+def vllm_queries(target: DeploymentTarget) -> dict[str, str]:
+    """The vllm engine's queries, grouped by `ReplicaId`. Its series carry the deployment label
+    where the operator's ServiceMonitor scrapes them (RayService mode); a shared Ray cluster's
+    metrics agents (external-Ray mode) give only the served model name, and `namespace` where
+    the scrape adds it. No per-expert series: vLLM exports none."""
+    labelled = (
+        f"namespace={_promql_string(target.namespace)},"
+        f"{DEPLOYMENT_SERIES_LABEL}={_promql_string(target.name)}"
+    )
+    # A namespace is a DNS label: nothing in it is special to a regular expression.
+    by_model = (
+        f'{DEPLOYMENT_SERIES_LABEL}="",model_name={_promql_string(target.served_model_name)},'
+        f"namespace=~{_promql_string(target.namespace + '|')}"
+    )
+    by = VLLM_REPLICA_LABEL
+
+    def summed(metric: str, selector: str) -> str:
+        return f"sum by ({by}) ({metric}{{{selector}}})"
+
+    def waiting_tokens(selector: str) -> str:
+        prompt_length = (
+            f"{summed(VLLM_PROMPT_LENGTH + '_sum', selector)} / "
+            f"clamp_min({summed(VLLM_PROMPT_LENGTH + '_count', selector)}, 1)"
+        )
+        return f"{summed(VLLM_WAITING_REQUESTS, selector)} * on ({by}) ({prompt_length})"
+
+    def either(query: Callable[[str], str]) -> str:
+        return f"({query(labelled)}) or ({query(by_model)})"
+
+    return {
+        PROMPT_TOKENS: either(lambda s: summed(VLLM_PROMPT_TOKENS, s)),
+        GENERATION_TOKENS: either(lambda s: summed(VLLM_GENERATION_TOKENS, s)),
+        WAITING_PROMPT_TOKENS: either(waiting_tokens),
+        RUNNING_REQUESTS: either(lambda s: summed(VLLM_RUNNING_REQUESTS, s)),
+    }
 
 
 def _instant_value(item: Mapping[str, Any]) -> tuple[dict[str, str], float]:
@@ -250,6 +308,11 @@ class DirectSource:
         self._transport = transport
 
     async def snapshot(self, target: DeploymentTarget, *, routed: bool = True) -> ServingSnapshot:
+        if target.engine == "vllm":
+            raise MetricsUnavailable(
+                "the vllm engine's series are exported by Ray's metrics agents, not listed by "
+                "its ingress: run the operator with --prometheus-url (a Prometheus scraping them)"
+            )
         if not target.endpoint:
             raise MetricsUnavailable("the deployment has no endpoint yet (status.endpoint)")
         discovery = targets_url(target.endpoint)

@@ -30,9 +30,12 @@ from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
 from llama4_serving import metrics_targets
 from llama4_serving.config import (
     LLM_SERVER_DEPLOYMENT,
+    REPLICA_NUM_CPUS,
+    TORCH_THREADS,
     RuntimeKnobs,
     ServingConfig,
     application_args,
+    engine_number,
     llm_server_overrides,
 )
 from llama4_serving.engines.reference.engine import (
@@ -114,9 +117,8 @@ class LLMServer:
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = ServingConfig.model_validate(config)
-        threads = self.config.engine_args.get("torch_threads")
-        if threads is not None:
-            torch.set_num_threads(int(threads))
+        if TORCH_THREADS in self.config.engine_args:
+            torch.set_num_threads(int(engine_number(self.config, TORCH_THREADS, 0)))
         self.model = load_model(self.config)
         self.tokenizer = load_tokenizer(self.config)
         self.metrics = EngineMetrics(self.config.served_model_name)
@@ -537,12 +539,7 @@ class OpenAIIngress:
         yield "data: [DONE]\n\n"
 
 
-def _check_engine(config: ServingConfig) -> None:
-    if config.engine != "reference":
-        raise ValueError(
-            f"engine {config.engine!r} is not served by this app: it runs the 'reference' "
-            "engine; render vLLM deployments with Ray Serve LLM instead"
-        )
+def _check_reference_engine(config: ServingConfig) -> None:
     if config.quantization != "bf16":
         raise ValueError(
             f"quantization {config.quantization!r} is not supported by the reference engine: "
@@ -551,7 +548,8 @@ def _check_engine(config: ServingConfig) -> None:
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """Validate `args` (a `ServingConfig`) and return the Serve application.
+    """Validate `args` (a `ServingConfig`) and return the Serve application: the reference
+    engine's deployments below, or for `engine: vllm` Ray Serve LLM's (`engines/vllm/app.py`).
 
     `num_replicas`, `batching` and `placement` in `args` set `LLMServer`'s options here. The
     operator renders them instead as a deployment-level override (`llm_server_overrides` in
@@ -559,8 +557,13 @@ def build_app(args: dict[str, Any]) -> Application:
     override's replica count in place and its `user_config` through `reconfigure`, whereas new
     `args` make a new code version and replace every replica."""
     config = ServingConfig.model_validate(args)
-    _check_engine(config)
-    replica_cpus = float(config.engine_args.get("replica_num_cpus", 1))
+    if config.engine == "vllm":
+        # Imported here: Ray Serve LLM and vLLM load only where the vllm engine runs.
+        from llama4_serving.engines.vllm.app import build_vllm_app  # noqa: PLC0415
+
+        return build_vllm_app(config)
+    _check_reference_engine(config)
+    replica_cpus = engine_number(config, REPLICA_NUM_CPUS, 1)
     # The replicas get the knobs through `reconfigure` only, so both paths start them alike.
     server_args = application_args(config)
     # The same options the operator renders as the deployment-level override (less its name).

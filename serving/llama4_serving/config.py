@@ -13,6 +13,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 Quantization = Literal["bf16", "fp8", "int4"]
 EngineName = Literal["reference", "vllm"]
+EngineScalar = str | int | float | bool
+EngineArgValue = EngineScalar | dict[str, EngineScalar]
+# Engine arguments the serving app reads itself; every other key of `engine_args` is an engine
+# argument (vLLM's `AsyncEngineArgs` for `vllm`).
+REPLICA_NUM_CPUS = "replica_num_cpus"  # CPUs Ray reserves for one engine replica
+TORCH_THREADS = "torch_threads"  # intra-op threads of the reference engine
+CPU_KV_CACHE_GIB = "cpu_kv_cache_gib"  # vLLM on CPU: KV-cache space (VLLM_CPU_KVCACHE_SPACE)
+PROJECT_ENGINE_ARGS = frozenset({REPLICA_NUM_CPUS, TORCH_THREADS, CPU_KV_CACHE_GIB})
 
 
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
@@ -119,7 +127,11 @@ class ServingConfig(_Strict):
     weights: WeightsSource = WeightsSource(kind="random")
     quantization: Quantization = "bf16"
     engine: EngineName = "reference"
-    engine_args: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    engine_args: dict[str, EngineArgValue] = Field(
+        default_factory=dict,
+        description="Engine arguments: vLLM's engine arguments for `vllm` (nested ones such as "
+        "`eplb_config` as objects), plus the project's own keys (see PROJECT_ENGINE_ARGS).",
+    )
     num_replicas: int = Field(default=1, ge=0)
     placement: ExpertPlacement | None = None
     batching: BatchingLimits = BatchingLimits()
@@ -186,15 +198,39 @@ class ServingConfig(_Strict):
 LLM_SERVER_DEPLOYMENT = "LLMServer"  # the engine deployment that runtime overrides address
 
 
+def engine_number(config: ServingConfig, key: str, default: float) -> float:
+    """A numeric project key of `engine_args` (e.g. `replica_num_cpus`), or `default`."""
+    value = config.engine_args.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        # A user's value: reported like every other invalid config field.
+        raise ValueError(f"engine_args.{key} must be a number, not {value!r}")  # noqa: TRY004
+    return float(value)
+
+
+def engine_deployment_name(config: ServingConfig) -> str:
+    """The Serve deployment that runs the engine: `LLMServer` for the reference engine;
+    `LLMServer:<model id>` for vLLM, as `ray.serve.llm` names it (`/` becomes `--`, `.` `_`)."""
+    if config.engine == "reference":
+        return LLM_SERVER_DEPLOYMENT
+    model_id = config.served_model_name.replace("/", "--").replace(".", "_")
+    return f"{LLM_SERVER_DEPLOYMENT}:{model_id}"
+
+
+def is_engine_deployment(name: str) -> bool:
+    """Whether a Serve deployment of an application is its engine (either engine's naming)."""
+    return name == LLM_SERVER_DEPLOYMENT or name.startswith(f"{LLM_SERVER_DEPLOYMENT}:")
+
+
 class RuntimeKnobs(_Strict):
-    """The `user_config` of `LLMServer`: what can change without restarting a replica."""
+    """The `user_config` of the reference engine's `LLMServer`: what can change without
+    restarting a replica."""
 
     batching: BatchingLimits | None = None
     placement: ExpertPlacement | None = None
 
 
 def max_ongoing_requests(batching: BatchingLimits) -> int:
-    """Requests Serve hands one `LLMServer` replica: beyond the batch they wait in the engine's
+    """Requests Serve hands one engine replica: beyond the batch they wait in the engine's
     queue, not in Serve's."""
     return 2 * batching.max_num_seqs
 
@@ -203,21 +239,26 @@ def application_args(config: ServingConfig) -> dict[str, Any]:
     """The Serve application's `args`: the config without what `llm_server_overrides` carries
     (those fields at fixed defaults). Ray Serve hashes `args` into the application's code
     version, and a new version replaces every replica; with this split, a new replica count,
-    expert plan or batching limit leaves `args` byte-identical and is applied in place."""
-    fixed = config.model_copy(
-        update={"num_replicas": 1, "placement": None, "batching": BatchingLimits()}
-    )
-    return fixed.model_dump(mode="json")
+    expert plan or batching limit leaves `args` byte-identical and is applied in place.
+    vLLM sizes its batch when its engine starts, so its batching limits stay in `args`: a
+    change restarts the replicas, one at a time."""
+    fixed: dict[str, Any] = {"num_replicas": 1, "placement": None}
+    if config.engine == "reference":
+        fixed["batching"] = BatchingLimits()
+    return config.model_copy(update=fixed).model_dump(mode="json")
 
 
 def llm_server_overrides(config: ServingConfig) -> dict[str, Any]:
-    """The deployment-level options of `LLMServer` in a Serve config (`applications[].deployments`):
-    the options Serve changes without replacing replicas (`num_replicas`; `max_ongoing_requests`
-    and `user_config`, which `reconfigure` applies between engine steps)."""
-    knobs = RuntimeKnobs(batching=config.batching, placement=config.placement)
-    return {
-        "name": LLM_SERVER_DEPLOYMENT,
+    """The deployment-level options of the engine deployment in a Serve config
+    (`applications[].deployments`): the options Serve changes without replacing replicas
+    (`num_replicas`, `max_ongoing_requests`; for the reference engine also `user_config`,
+    which its `reconfigure` applies between engine steps)."""
+    overrides: dict[str, Any] = {
+        "name": engine_deployment_name(config),
         "num_replicas": config.num_replicas,
         "max_ongoing_requests": max_ongoing_requests(config.batching),
-        "user_config": knobs.model_dump(mode="json"),
     }
+    if config.engine == "reference":
+        knobs = RuntimeKnobs(batching=config.batching, placement=config.placement)
+        overrides["user_config"] = knobs.model_dump(mode="json")
+    return overrides

@@ -6,6 +6,7 @@ Nothing can be downloaded here, so the files are written with `transformers`' `s
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from transformers import Llama4ForCausalLM, PreTrainedTokenizerFast
 
 from llama4_serving.config import ModelArchitecture
 from llama4_serving.engines.reference.loader import text_config
+from llama4_serving.openai_protocol import DEFAULT_CHAT_TEMPLATE
 
 SPECIAL_TOKENS = [
     "<|begin_of_text|>",
@@ -53,7 +55,38 @@ def tiny_architecture(**overrides: int | float) -> ModelArchitecture:
     return ModelArchitecture.model_validate(values)
 
 
-def write_tokenizer(directory: Path, vocab_size: int) -> int:
+def engine_tiny_architecture() -> ModelArchitecture:
+    """The tiny model both engines load, in the shape vLLM's CPU build is known to serve: larger
+    than `tiny_architecture` (hidden 256, head 64, 8 experts, every layer MoE, chunk 2048;
+    about 17M parameters)."""
+    return tiny_architecture(
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=512,
+        intermediate_size_mlp=512,
+        head_dim=64,
+        num_local_experts=8,
+        interleave_moe_layer_step=1,
+        attention_chunk_size=2048,
+        max_position_embeddings=4096,
+    )
+
+
+# Llama 4's image tokens, as the released checkpoints name them (Llama4Processor's defaults).
+IMAGE_TOKENS = [
+    "<|image|>",
+    "<|patch|>",
+    "<|image_start|>",
+    "<|image_end|>",
+    "<|tile_x_separator|>",
+    "<|tile_y_separator|>",
+]
+TINY_IMAGE_SIZE = 56  # pixels: 4 x 4 patches of 14
+
+
+def write_tokenizer(
+    directory: Path, vocab_size: int, extra_special: list[str] | None = None
+) -> int:
     """Train a byte-level BPE on the corpus, save it as a `PreTrainedTokenizerFast`, return its
     vocabulary size (at most `vocab_size`)."""
     tokenizer = Tokenizer(models.BPE())
@@ -61,7 +94,7 @@ def write_tokenizer(directory: Path, vocab_size: int) -> int:
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS + (extra_special or []),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator(_CORPUS, trainer=trainer)
@@ -71,6 +104,8 @@ def write_tokenizer(directory: Path, vocab_size: int) -> int:
         eos_token="<|eot|>",
         pad_token="<|end_of_text|>",
     )
+    # Servers that apply the tokenizer's own template (vLLM) and the reference engine agree.
+    fast.chat_template = DEFAULT_CHAT_TEMPLATE
     fast.save_pretrained(directory)
     return len(fast)
 
@@ -89,3 +124,83 @@ def write_tiny_model(
     model = Llama4ForCausalLM(text_config(arch))
     model.save_pretrained(directory, safe_serialization=True)
     return arch
+
+
+def write_tiny_multimodal_model(directory: Path, seed: int = 0) -> ModelArchitecture:
+    """The same text model inside a `Llama4ForConditionalGeneration` with a tiny vision tower
+    (hidden 64, 2 layers, 56-pixel tiles of 14-pixel patches, pixel shuffle 0.5), its image
+    processor and processor, and the image tokens in the tokenizer: Llama 4 is natively
+    multimodal, and vLLM serves image parts for this layout."""
+    from transformers import (  # noqa: PLC0415  (only this writer needs them)
+        Llama4Config,
+        Llama4ForConditionalGeneration,
+        Llama4ImageProcessor,
+        Llama4Processor,
+        Llama4VisionConfig,
+    )
+
+    arch = engine_tiny_architecture()
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = write_tokenizer(directory, arch.vocab_size, IMAGE_TOKENS)
+    arch = arch.model_copy(update={"vocab_size": vocab})
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in IMAGE_TOKENS}
+    vision_output = 128
+    vision = Llama4VisionConfig(
+        hidden_size=64,
+        intermediate_size=256,  # 4 x hidden: what the pixel shuffle's MLP expects
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=TINY_IMAGE_SIZE,
+        patch_size=14,
+        pixel_shuffle_ratio=0.5,
+        vision_output_dim=vision_output,
+        projector_input_dim=vision_output,
+        projector_output_dim=vision_output,
+    )
+    config = Llama4Config(
+        vision_config=vision.to_dict(),
+        text_config=text_config(arch).to_dict(),
+        boi_token_index=ids["<|image_start|>"],
+        eoi_token_index=ids["<|image_end|>"],
+        image_token_index=ids["<|patch|>"],
+    )
+    torch.manual_seed(seed)
+    Llama4ForConditionalGeneration(config).save_pretrained(directory, safe_serialization=True)
+    image_processor = Llama4ImageProcessor(
+        size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
+        max_patches=4,
+        resize_to_max_canvas=False,
+    )
+    # transformers' Llama 4 chat template (the processor's default) places <|image|> per part.
+    Llama4Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(directory)
+    return arch
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m llama4_serving.tiny DIR`: write the tiny checkpoint both engines load."""
+    parser = argparse.ArgumentParser(
+        prog="python -m llama4_serving.tiny",
+        description="Write a tiny random Llama 4 checkpoint (safetensors, config.json) with a "
+        "byte-level BPE tokenizer and a chat template, loadable by vLLM and the reference engine.",
+    )
+    parser.add_argument("directory", type=Path, help="where to write it (created if missing)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument(
+        "--multimodal",
+        action="store_true",
+        help="write a Llama4ForConditionalGeneration with a tiny vision tower and its processor",
+    )
+    args = parser.parse_args(argv)
+    if args.multimodal:
+        arch = write_tiny_multimodal_model(args.directory, seed=args.seed)
+    else:
+        arch = write_tiny_model(args.directory, engine_tiny_architecture(), seed=args.seed)
+    print(
+        f"wrote a tiny Llama 4 ({arch.num_hidden_layers} layers, hidden {arch.hidden_size}, "
+        f"{arch.num_local_experts} experts, vocabulary {arch.vocab_size}) to {args.directory}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,8 +1,10 @@
 """The README's main job, `llama4ctl dev demo`, as a user runs it (detached, so the test can
-look around and then stop it the way the README says): the tiny model answers OpenAI requests
-through the endpoint the demo printed, the operator reports it Ready and placed, the demo's load
-makes the autoscaler add a replica (read from Prometheus, which scrapes the operator and the
-replicas), and `cluster down` leaves no process behind, Ray's included."""
+look around and then stop it the way the README says): the tiny model, served by the default
+engine (vLLM), answers OpenAI requests through the endpoint the demo printed, the operator
+reports it Ready and placed, the demo's load makes the autoscaler add a replica (read from
+Prometheus, which scrapes the operator and Ray's metrics agents), and `cluster down` leaves no
+process behind, Ray's included. It runs where a user's shell holds a Ray token file, which makes
+Ray turn token authentication on by itself unless told otherwise."""
 
 from __future__ import annotations
 
@@ -79,7 +81,18 @@ def _steady_load(client: OpenAI, model: str, clients: int = 2) -> Iterator[None]
             thread.join(timeout=130)
 
 
-def test_demo_serves_the_tiny_model_and_stops_cleanly() -> None:
+def a_user_environment_with_a_ray_token(directory: Path) -> dict[str, str]:
+    """This environment as a user's shell has it after some earlier use of Ray with token
+    authentication: a token file Ray finds, and no RAY_AUTH_MODE (which makes Ray turn token
+    authentication on by itself). The demo must work all the same."""
+    token = directory / "auth_token"
+    token.write_text(uuid.uuid4().hex)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    env["RAY_AUTH_TOKEN_PATH"] = str(token)
+    return env
+
+
+def test_demo_serves_the_tiny_model_and_stops_cleanly(tmp_path: Path) -> None:
     name = f"demo-{uuid.uuid4().hex[:6]}"
     cluster = LocalCluster(ClusterConfig(name=name))
     directory = cluster.directory
@@ -87,8 +100,9 @@ def test_demo_serves_the_tiny_model_and_stops_cleanly() -> None:
     ray_pids: dict[int, str] = {}
     try:
         demo = llama4ctl(
-            "dev", "demo", "--name", name, "--detach", "--load-seconds", "20", timeout_s=840
-        )
+            "dev", "demo", "--name", name, "--detach", "--load-seconds", "20",
+            timeout_s=1200, env=a_user_environment_with_a_ray_token(tmp_path),
+        )  # fmt: skip
         assert demo.returncode == 0, demo.stderr[-4000:]
         summary = json.loads((directory / SUMMARY_FILE).read_text())
         base_url = summary["openai_base_url"]
@@ -114,16 +128,17 @@ def test_demo_serves_the_tiny_model_and_stops_cleanly() -> None:
             assert listed.returncode == 0, listed.stderr
             return dict(json.loads(listed.stdout))
 
-        # The demo's load (about 250 tokens/s against 10 per replica) scales 1 -> 2; the
-        # deployment is Ready on both replicas once the new one runs. Load goes on meanwhile, so
-        # that a slow replica start does not meet the scale-down after a minute of no load.
+        # The demo's load (far above 10 tokens/s per replica) scales 1 -> 2; the deployment is
+        # Ready on both replicas once the new vLLM engine runs (a minute or more to build). Load
+        # goes on meanwhile, so that a slow start does not meet the scale-down after a minute of
+        # no load.
         def scaled_up() -> dict[str, Any] | None:
             status = tiny()["status"]
             ready = {c["type"]: c["status"] for c in status["conditions"]}
             return status if ready["Ready"] == "True" and status["readyReplicas"] == 2 else None
 
         with _steady_load(client, summary["model"]):
-            status = wait_for(scaled_up, 240, "the autoscaler to bring tiny to 2 ready replicas")
+            status = wait_for(scaled_up, 480, "the autoscaler to bring tiny to 2 ready replicas")
         assert status["autoscaling"]["managesReplicas"] is True
         events = llama4ctl(
             "dev", "kubectl", "--name", name, "get", "events", "-n", NAMESPACE,
@@ -135,7 +150,8 @@ def test_demo_serves_the_tiny_model_and_stops_cleanly() -> None:
         assert placed
         assert set(placed) <= nodes
 
-        for job in ("llama4-operator", "llama4-serving"):  # the operator, the replicas
+        # The operator, and Ray's metrics agents, which export the vLLM engine's series.
+        for job in ("llama4-operator", "ray"):
             wait_for(
                 lambda job=job: "up" in target_health(summary["prometheus_url"]).get(job, []),
                 60,

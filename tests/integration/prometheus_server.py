@@ -62,11 +62,13 @@ def prometheus(
     state_dir: Path,
     jobs: Mapping[str, tuple[str, Mapping[str, str]]],
     discovered: Mapping[str, str] | None = None,
+    discovery_files: Mapping[str, Path] | None = None,
 ) -> Iterator[PrometheusApi]:
     """Prometheus scraping each job's `host:port` (with extra target labels, as
     prometheus-operator adds `namespace`) and evaluating the rules in monitoring/rules.
     `discovered` maps more jobs to HTTP service-discovery URLs (http_sd_configs, re-read every
-    second), such as the serving ingress' /-/metrics/targets."""
+    second), such as the serving ingress' /-/metrics/targets; `discovery_files` to files of
+    targets (file_sd_configs), such as the one Ray writes for its nodes' metrics agents."""
     port = free_port()
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
@@ -82,6 +84,13 @@ def prometheus(
             *(
                 {"job_name": job, "http_sd_configs": [{"url": url, "refresh_interval": "1s"}]}
                 for job, url in (discovered or {}).items()
+            ),
+            *(
+                {
+                    "job_name": job,
+                    "file_sd_configs": [{"files": [str(path)], "refresh_interval": "1s"}],
+                }
+                for job, path in (discovery_files or {}).items()
             ),
         ],
     }

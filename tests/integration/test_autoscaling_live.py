@@ -13,13 +13,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +23,9 @@ import httpx
 import pytest
 import yaml
 from prometheus_server import PrometheusApi, prometheus
+from ray_serve import RayServe, ray_serve_cluster
 
-from llama4_operator.devenv.cluster import LocalCluster, free_port
+from llama4_operator.devenv.cluster import LocalCluster
 from llama4_operator.monitoring import dashboards, rules
 from llama4_operator.monitoring.selectors import Selectors
 from llama4_operator.renderers.children import Owner, external_app_name, external_route_prefix
@@ -37,14 +34,6 @@ from support import REPO, Kubectl, OperatorProcess, wait_for
 
 pytestmark = pytest.mark.cluster
 
-# Ray processes inherit these: nothing fetched from hubs, no usage reports, and time for a
-# dashboard agent to start on a busy 2-core machine.
-RAY_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_agent_register_timeout_ms": "120000",
-    "RAY_raylet_start_wait_time_s": "180",
-}
 NAMESPACE = "autoscale-live"
 NAME = "tiny"
 # Served under a name of its own: dashboards and rules must still key its series by the
@@ -55,70 +44,15 @@ APP = external_app_name(OWNER)
 PREFIX = external_route_prefix(OWNER)
 
 
-@dataclass
-class RayServe:
-    dashboard: str
-    serve_url: str
-
-    def llm_replicas(self) -> int:
-        """RUNNING LLMServer replicas of the deployment's Serve application."""
-        response = httpx.get(f"{self.dashboard}/api/serve/applications/", timeout=10)
-        if not response.is_success:
-            return -1
-        app = (response.json().get("applications") or {}).get(APP) or {}
-        replicas = ((app.get("deployments") or {}).get("LLMServer") or {}).get("replicas") or []
-        return sum(1 for r in replicas if r.get("state") == "RUNNING")
-
-
 @pytest.fixture(scope="module")
 def ray_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayServe]:
-    """A real Ray cluster in processes of its own (the test process never joins it), with
-    Serve's HTTP proxy on the head."""
-    from ray.cluster_utils import Cluster
+    with ray_serve_cluster(tmp_path_factory.mktemp("serve")) as cluster:
+        yield cluster
 
-    os.environ.update(RAY_ENV)
-    started = time.monotonic()
-    dashboard_port, serve_port = free_port(), free_port()
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 4,
-            "include_dashboard": True,
-            "dashboard_host": "127.0.0.1",
-            "dashboard_port": dashboard_port,
-        },
-    )
-    try:
-        # Expert shards take fake GPUs (plenty: they cost nothing); replicas take half a CPU.
-        cluster.add_node(num_cpus=4, resources={"fake_gpu": 16}, labels={"llama4.dev/ep-node": "0"})
-        dashboard = f"http://127.0.0.1:{dashboard_port}"
-        log = tmp_path_factory.mktemp("serve") / "serve-start.log"
-        with log.open("wb") as out:
-            result = subprocess.run(
-                [
-                    str(Path(sys.executable).with_name("serve")),
-                    "start",
-                    f"--address={cluster.address}",
-                    "--http-host=127.0.0.1",
-                    f"--http-port={serve_port}",
-                    "--proxy-location=HeadOnly",
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **RAY_ENV},
-                timeout=300,
-                check=False,
-            )
-        assert result.returncode == 0, f"`serve start` failed: {log.read_text()[-3000:]}"
-        wait_for(
-            lambda: httpx.get(f"{dashboard}/api/serve/applications/", timeout=10).is_success,
-            180,
-            "the Ray dashboard's Serve API",
-        )
-        print(f"Ray cluster and Serve ready in {time.monotonic() - started:.0f} s")
-        yield RayServe(dashboard, f"http://127.0.0.1:{serve_port}")
-    finally:
-        cluster.shutdown()
+
+def llm_replicas(ray: RayServe) -> int:
+    """RUNNING LLMServer replicas of the deployment's Serve application."""
+    return len(ray.engine_replica_ids(APP))
 
 
 def deployment(tokenizer: Path) -> dict[str, Any]:
@@ -265,7 +199,7 @@ def test_token_load_scales_up_then_back_down(
         try:
             kubectl.run("create", "namespace", NAMESPACE, check=False)
             kubectl.run("apply", "-f", "-", input=yaml.safe_dump(deployment(tokenizer)))
-            wait_for(lambda: ray_serve.llm_replicas() == 1, 300, "1 LLMServer replica RUNNING")
+            wait_for(lambda: llm_replicas(ray_serve) == 1, 300, "1 LLMServer replica RUNNING")
             targets = httpx.get(targets_url, timeout=10).json()
             assert len(targets) == 1, targets
             assert len(targets[0]["targets"]) == 1, targets
@@ -279,7 +213,7 @@ def test_token_load_scales_up_then_back_down(
             with Load(f"{ray_serve.serve_url}{PREFIX}/v1/completions") as load:
                 wait_for(lambda: replicas(kubectl) == 2, 180, "spec.replicas to go 1 -> 2")
                 print(f"scaled up {time.monotonic() - started:.0f} s after the load began")
-                wait_for(lambda: ray_serve.llm_replicas() == 2, 240, "2 LLMServer replicas")
+                wait_for(lambda: llm_replicas(ray_serve) == 2, 240, "2 LLMServer replicas")
                 # Prometheus finds the new replica through the ingress and scrapes it.
                 wait_for(
                     lambda: (
@@ -304,7 +238,7 @@ def test_token_load_scales_up_then_back_down(
             stopped = time.monotonic()
             wait_for(lambda: replicas(kubectl) == 1, 180, "spec.replicas to go back 2 -> 1")
             print(f"scaled down {time.monotonic() - stopped:.0f} s after the load stopped")
-            wait_for(lambda: ray_serve.llm_replicas() == 1, 180, "1 LLMServer replica again")
+            wait_for(lambda: llm_replicas(ray_serve) == 1, 180, "1 LLMServer replica again")
             wait_for(
                 lambda: len(httpx.get(targets_url, timeout=10).json()[0]["targets"]) == 1,
                 60,

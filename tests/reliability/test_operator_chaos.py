@@ -67,7 +67,7 @@ def test_operator_killed_at_random_points_converges_without_duplicates(
     # The last round's change is what the RayService runs (nothing older won a race).
     serve_config = yaml.safe_load(api.ray_service(namespace, "maverick-1")["spec"]["serveConfigV2"])
     (application,) = serve_config["applications"]
-    assert application["args"]["engine_args"]["num_redundant_experts"] == 24
+    assert application["args"]["engine_args"]["eplb_config"]["num_redundant_experts"] == 24
     assert "Traceback" not in operator.log(), operator.log()[-3000:]
 
 

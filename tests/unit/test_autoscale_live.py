@@ -29,6 +29,7 @@ from llama4_operator.planners.autoscaling_inputs import (
 )
 from llama4_operator.serving_metrics import (
     PROMPT_TOKENS,
+    WAITING_PROMPT_TOKENS,
     DeploymentTarget,
     DirectSource,
     MetricsUnavailable,
@@ -269,6 +270,78 @@ def test_prometheus_source_queries_keep_deployments_with_one_model_name_apart(
     assert result.returncode == 0, query + "\n" + result.stdout + result.stderr
 
 
+def _promtool_case(tmp_path: Path, case: dict[str, Any], query: str) -> None:
+    path = tmp_path / "queries.test.yaml"
+    path.write_text(json.dumps(case))
+    result = subprocess.run(
+        ["/usr/bin/promtool", "test", "rules", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, query + "\n" + result.stdout + result.stderr
+
+
+def test_vllm_queries_read_vllms_series_per_engine_replica(tmp_path: Path) -> None:
+    # vLLM's series as Ray's metrics agents export them: per ReplicaId, several replicas behind
+    # one agent (instance). "a1" is this deployment's, scraped without namespace or deployment
+    # label (a shared Ray cluster); "b2" is labelled by the operator's ServiceMonitor; "c3"
+    # serves the same model name for another deployment, "d4" another model.
+    target = DeploymentTarget(NS, NAME, MODEL, "", engine="vllm")
+    queries = PrometheusSource("http://prom:9090").queries(target)
+    series = {
+        "a1": f'model_name="{MODEL}"',
+        "b2": f'namespace="{NS}",llama4_deployment="{NAME}",model_name="{MODEL}"',
+        "c3": f'namespace="{NS}",llama4_deployment="other",model_name="{MODEL}"',
+        "d4": 'model_name="another-model"',
+    }
+
+    def inputs(metric: str, value: dict[str, float]) -> list[dict[str, str]]:
+        return [
+            {
+                "series": f'{metric}{{instance="agent:8080",ReplicaId="{r}",{labels}}}',
+                "values": f"{value[r]}x2",
+            }
+            for r, labels in series.items()
+        ]
+
+    def case(query: str, expected: dict[str, float]) -> dict[str, Any]:
+        return {
+            "rule_files": [],
+            "evaluation_interval": "1m",
+            "tests": [
+                {
+                    "interval": "1m",
+                    "input_series": inputs("ray_vllm_prompt_tokens_total", tokens)
+                    + inputs("ray_vllm_num_requests_waiting", waiting)
+                    + inputs("ray_vllm_request_prompt_tokens_sum", prompt_sum)
+                    + inputs("ray_vllm_request_prompt_tokens_count", prompt_count),
+                    "promql_expr_test": [
+                        {
+                            "expr": query,
+                            "eval_time": "1m",
+                            "exp_samples": [
+                                {"labels": f'{{ReplicaId="{r}"}}', "value": v}
+                                for r, v in expected.items()
+                            ],
+                        }
+                    ],
+                }
+            ],
+        }
+
+    tokens = {"a1": 100, "b2": 40, "c3": 9, "d4": 3}
+    waiting = {"a1": 2, "b2": 0, "c3": 5, "d4": 5}
+    prompt_sum = {"a1": 300, "b2": 80, "c3": 10, "d4": 10}
+    prompt_count = {"a1": 10, "b2": 4, "c3": 1, "d4": 1}
+    _promtool_case(
+        tmp_path, case(queries[PROMPT_TOKENS], {"a1": 100, "b2": 40}), queries[PROMPT_TOKENS]
+    )
+    # Backlog: 2 waiting requests x 30 prompt tokens on average.
+    waiting_query = queries[WAITING_PROMPT_TOKENS]
+    _promtool_case(tmp_path, case(waiting_query, {"a1": 60, "b2": 0}), waiting_query)
+
+
 def test_prometheus_source_errors_say_what_failed() -> None:
     def empty(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, json={"status": "success", "data": {"result": []}})
@@ -457,3 +530,9 @@ def test_sd_document_is_the_format_prometheus_reads() -> None:
     assert parse_targets(document) == ["10.0.0.1:9001"]
     with pytest.raises(TypeError):
         parse_targets({"targets": []})
+
+
+def test_the_direct_source_says_vllm_needs_prometheus() -> None:
+    target = DeploymentTarget(NS, NAME, MODEL, "http://ray:8000/llm-chat/v1", engine="vllm")
+    with pytest.raises(MetricsUnavailable, match="--prometheus-url"):
+        asyncio.run(DirectSource().snapshot(target))

@@ -231,6 +231,18 @@ CASES: list[tuple[str, dict[str, Any], str | None]] = [
         "reference engine runs the Llama 4 architecture only",
     ),
     (
+        "vllm with random weights",
+        {
+            "model": {
+                "variant": "custom",
+                "architecture": CUSTOM_ARCH,
+                "weights": {"source": "random"},
+            },
+            "engine": {"name": "vllm"},
+        },
+        "cannot be served by engine vllm",
+    ),
+    (
         "path weights without uri",
         {"model": {"variant": "scout", "weights": {"source": "path"}}},
         "uri (a directory) is required when source is path",

@@ -161,3 +161,22 @@ def test_serving_certificates_name_ip_and_dns_hosts(tmp_path: Path) -> None:
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
     assert names.get_values_for_type(x509.DNSName) == ["kubernetes"]
+
+
+def test_a_ray_dashboard_asking_for_a_token_stops_the_start_with_the_fix() -> None:
+    import httpx
+
+    from llama4_operator.devenv.local_ray import RayAuthenticationError, refuse_unauthenticated
+
+    refuse_unauthenticated(httpx.Response(200))  # answered: nothing to say
+    refuse_unauthenticated(httpx.Response(503))  # not up yet: the caller waits
+    with pytest.raises(RayAuthenticationError, match=r"401.*token authentication is on.*ray stop"):
+        refuse_unauthenticated(
+            httpx.Response(401, text="Unauthorized: Missing authentication token")
+        )
+
+
+def test_every_ray_the_dev_environment_starts_says_its_authentication_mode() -> None:
+    from llama4_operator.devenv.local_ray import RAY_ENV
+
+    assert RAY_ENV["RAY_AUTH_MODE"] == "disabled"

@@ -22,7 +22,7 @@ from llama4_operator.cli.operator_main import operator_command
 from llama4_operator.handlers.config import OperatorConfig
 from llama4_operator.handlers.reconcile import Reconciler
 from llama4_operator.planners.cluster_placement import GpuNode
-from llama4_operator.ray_dashboard import RayDashboard
+from llama4_operator.ray_dashboard import RayAuthenticationError, RayDashboard
 
 ROOT = Path(__file__).resolve().parents[2]
 LOG = logging.getLogger("test")
@@ -433,6 +433,56 @@ def test_external_ray_mode_puts_nothing_when_the_app_is_already_declared() -> No
     changed["spec"]["model"]["maxContextLength"] = 512
     run(reconciler, changed)
     assert methods.count("PUT") == 2
+
+
+def test_external_ray_mode_sends_the_token_of_its_file_and_reads_it_on_each_call(
+    tmp_path: Path,
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("first\n")
+    seen: list[str] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("authorization", ""))
+        return httpx.Response(200, json={"applications": {}})
+
+    dashboard = RayDashboard(
+        "http://ray.example:8265", transport=httpx.MockTransport(handle), token_file=str(token_file)
+    )
+    asyncio.run(dashboard.application("llm-tiny"))
+    token_file.write_text("rotated")
+    asyncio.run(dashboard.application("llm-tiny"))
+    assert seen == ["Bearer first", "Bearer rotated"]
+
+
+def test_a_refused_ray_token_is_a_condition_and_a_slow_retry(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("wrong")
+    methods: list[str] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        methods.append(request.method)
+        return httpx.Response(401, text="Unauthorized: Invalid authentication token")
+
+    dashboard = RayDashboard(
+        "http://ray.example:8265", transport=httpx.MockTransport(handle), token_file=str(token_file)
+    )
+    config = OperatorConfig(
+        image="img", ray_version="2.60.0", external_ray_dashboard="http://ray.example:8265"
+    )
+    kube = FakeKube(h100_hosts(1))
+    reconciler = Reconciler(kube, config, dashboard, clock=lambda: START)
+    with pytest.raises(RayAuthenticationError) as raised:
+        run(reconciler, body("tiny-reference"))
+    assert raised.value.delay == 60.0  # not the 15 s of an unreachable dashboard
+    assert methods == ["GET"]  # nothing is PUT with a refused token
+    found = conditions(kube.statuses[-1])
+    assert found["Ready"]["status"] == "False"
+    assert found["Ready"]["reason"] == "RayAuthenticationFailed"
+    message = found["Ready"]["message"]
+    assert f"refused the token from {token_file} (401" in message
+    assert "--ray-auth-token-file" in message
+    assert ("Warning", "RayAuthenticationFailed") in [(e[0], e[1]) for e in kube.events]
 
 
 def test_kopf_settings_use_the_project_names() -> None:

@@ -146,8 +146,11 @@ def skewed_load(plan: ExpertPlacement) -> np.ndarray:
 class Loop:
     """A reconciled Maverick deployment, its fakes, and the rebalancer under test."""
 
-    def __init__(self, **rebalance: Any) -> None:
+    def __init__(self, engine: str = "reference", **rebalance: Any) -> None:
         document = yaml.safe_load((ROOT / "manifests/samples/maverick.yaml").read_text())
+        # The operator's plans go to the engine that takes them: the reference engine (vLLM
+        # balances its experts itself and is left alone).
+        document["spec"]["engine"] = {"name": engine}
         document["spec"]["placement"]["rebalance"].update(rebalance)
         document["metadata"].update({"namespace": "llm", "uid": "uid-1", "generation": 1})
         self.body: dict[str, Any] = document
@@ -315,6 +318,16 @@ def test_disabled_rebalancing_reads_nothing() -> None:
     assert loop.tick() is None
     assert loop.source.targets == []
     assert loop.kube.plan() == before
+
+
+def test_vllm_deployments_are_left_to_vllms_own_balancer() -> None:
+    loop = Loop(engine="vllm")
+    before = loop.kube.plan()
+    assert loop.tick() is None
+    assert loop.tick() is None
+    assert loop.source.targets == []  # no reading: vLLM exports no per-expert load
+    assert loop.kube.plan() == before
+    assert loop.kube.status_patches == []
 
 
 def test_the_rebalance_tick_setting_is_checked() -> None:

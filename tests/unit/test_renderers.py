@@ -21,7 +21,7 @@ from llama4_operator.renderers.children import (
 )
 from llama4_operator.renderers.deployment import Previous, desired_state
 from llama4_operator.renderers.serving import IMPORT_PATH, parse_extra_args
-from llama4_serving.config import ExpertPlacement, RuntimeKnobs, ServingConfig
+from llama4_serving.config import ExpertPlacement, ServingConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 OWNER = Owner(name="maverick", namespace="llm", uid="0f6a-uid")
@@ -124,15 +124,18 @@ def test_serve_config_carries_a_valid_serving_config(maverick_state: Any) -> Non
     config = ServingConfig.model_validate(app["args"])
     assert config.engine == "vllm"
     (server,) = app["deployments"]
-    assert server["name"] == "LLMServer"
-    assert server["num_replicas"] == 2
-    knobs = RuntimeKnobs.model_validate(server["user_config"])
-    assert knobs.placement == maverick_state.experts.placement
-    assert knobs.batching == maverick_state.serving.batching
-    assert server["max_ongoing_requests"] == 2 * maverick_state.serving.batching.max_num_seqs
+    # Ray Serve LLM names the engine deployment after the model; vLLM has no `reconfigure`,
+    # so the override carries the replica count and request limit only.
+    assert server == {
+        "name": "LLMServer:maverick",
+        "num_replicas": 2,
+        "max_ongoing_requests": 2 * maverick_state.serving.batching.max_num_seqs,
+    }
+    assert config.placement is None  # vLLM's own EPLB places the experts
+    assert config.batching == maverick_state.serving.batching
     assert config.engine_args["tensor_parallel_size"] == 8
     assert config.engine_args["enable_expert_parallel"] is True
-    assert config.engine_args["num_redundant_experts"] == 16
+    assert config.engine_args["eplb_config"]["num_redundant_experts"] == 16
     assert config.engine_args["quantization"] == "fp8"
     assert config.architecture.num_local_experts == 128
     assert config.architecture.interleave_moe_layer_step == 2
@@ -303,13 +306,17 @@ def test_tiny_reference_sample_renders_the_reference_engine() -> None:
     assert state.serving.architecture.attention_chunk_size == 32
 
 
-def test_extra_args_are_read_as_yaml_scalars() -> None:
-    assert parse_extra_args({"a": "true", "b": "4", "c": "0.9", "d": "x", "e": "[1]"}) == {
+def test_extra_args_are_read_as_yaml_scalars_and_flat_mappings() -> None:
+    given = {"a": "true", "b": "4", "c": "0.9", "d": "x", "e": "[1]"}
+    given |= {"f": '{"window_size": 10, "log": true}', "g": "{nested: {no: 1}}"}
+    assert parse_extra_args(given) == {
         "a": True,
         "b": 4,
         "c": 0.9,
         "d": "x",
         "e": "[1]",
+        "f": {"window_size": 10, "log": True},
+        "g": "{nested: {no: 1}}",
     }
 
 
@@ -364,11 +371,12 @@ def _reversed_rows(placement: ExpertPlacement) -> ExpertPlacement:
 def test_replicas_and_expert_plan_change_only_the_deployment_override(
     external: str | None,
 ) -> None:
-    # Serve hashes `args` into the code version: new args would replace every replica.
+    # Serve hashes `args` into the code version: new args would replace every replica. The
+    # reference engine takes expert plans live (vLLM: tests/unit/test_vllm_engine.py).
     def render(replicas: int, previous: Previous) -> dict[str, Any]:
         state = desired_state(
             OWNER,
-            sample("maverick", replicas=replicas),
+            sample("maverick", replicas=replicas, engine={"name": "reference"}),
             h100_nodes(3),
             SETTINGS,
             previous,

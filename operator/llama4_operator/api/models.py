@@ -28,6 +28,7 @@ CATEGORIES = ("llama4", "ai")
 Variant = Literal["scout", "maverick", "behemoth", "custom"]
 Quantization = Literal["bf16", "fp8", "int4"]
 EngineName = Literal["reference", "vllm"]
+ExpertBalancer = Literal["operator", "vllm-eplb", "none"]
 
 
 def _cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
@@ -595,6 +596,13 @@ class MonitoringSpec(ApiModel):
     )
 
 
+VLLM_NEEDS_CHECKPOINT = (
+    "model.weights.source: random cannot be served by engine vllm, which loads a checkpoint; "
+    "use source path or huggingface (`python -m llama4_serving.tiny DIR` writes a tiny one), "
+    "or engine.name: reference"
+)
+
+
 class Llama4DeploymentSpec(ApiModel):
     """The desired state of a Llama 4 (or other mixture-of-experts) model served on GPUs."""
 
@@ -610,6 +618,11 @@ class Llama4DeploymentSpec(ApiModel):
                 "for dense leading layers, expert groups, latent attention or several shared "
                 "experts",
                 ".engine.name",
+            ),
+            _cel(
+                "self.engine.name != 'vllm' || self.model.weights.source != 'random'",
+                VLLM_NEEDS_CHECKPOINT,
+                ".model.weights.source",
             ),
         )
     )
@@ -645,6 +658,8 @@ class Llama4DeploymentSpec(ApiModel):
                 "vllm for dense leading layers, expert groups, latent attention or several "
                 "shared experts"
             )
+        if self.engine.name == "vllm" and self.model.weights.source == "random":
+            raise ValueError(VLLM_NEEDS_CHECKPOINT)
         return self
 
 
@@ -693,6 +708,14 @@ class PlacementStatus(ApiModel):
     unplaced: int = Field(default=0, ge=0, description="Replicas without room in the cluster.")
     reason: str = Field(default="", description="Why some replicas could not be placed.")
     expert_plan_version: int = Field(default=0, ge=0, description="Expert placement version.")
+    expert_balancer: ExpertBalancer = Field(
+        default="none",
+        description=(
+            "Who keeps the experts balanced: operator (plans from measured load, applied live by "
+            "the reference engine), vllm-eplb (vLLM's own balancer, with expert parallelism), "
+            "or none."
+        ),
+    )
     expert_balance: float = Field(
         default=1.0,
         description="Mean GPU expert load over the busiest GPU's (uniform load); 1.0 is perfect.",

@@ -45,6 +45,16 @@ from llama4_operator.handlers import config as operator_config
     ),
 )
 @click.option(
+    "--ray-auth-token-file",
+    metavar="FILE",
+    envvar=operator_config.ENV_RAY_TOKEN_FILE,
+    help=(
+        "File holding that Ray cluster's token, when it has token authentication on "
+        "(RAY_AUTH_MODE=token); read on every call, so a rotated Secret needs no restart. "
+        "Default: the RAY_AUTH_TOKEN environment variable, if set."
+    ),
+)
+@click.option(
     "--kubeconfig",
     type=click.Path(exists=True, dir_okay=False),
     envvar="KUBECONFIG",
@@ -122,6 +132,7 @@ def operator_command(
     all_namespaces: bool,
     metrics_port: int,
     external_ray_dashboard: str | None,
+    ray_auth_token_file: str | None,
     kubeconfig: str | None,
     resync_interval: float,
     image: str,
@@ -141,6 +152,7 @@ def operator_command(
         operator_config.ENV_RESYNC: str(resync_interval),
         operator_config.ENV_IMAGE: image,
         operator_config.ENV_EXTERNAL_RAY: external_ray_dashboard or "",
+        operator_config.ENV_RAY_TOKEN_FILE: ray_auth_token_file or "",
         operator_config.ENV_PEERING: peering or "",
         operator_config.ENV_ACCELERATOR: ray_accelerator_resource,
         operator_config.ENV_REBALANCE_TICK: str(rebalance_tick),

@@ -1,6 +1,7 @@
 """The local demo: a real control plane with simulated GPU nodes, a real local Ray cluster,
-Prometheus and the operator in external-Ray mode serving the tiny reference model, which answers
-OpenAI requests while the operator places and scales it.
+Prometheus and the operator in external-Ray mode serving a tiny Llama 4 with the default engine,
+vLLM (its CPU build, through Ray Serve LLM), which answers OpenAI requests while the operator
+places and scales it.
 
 Everything it starts is a component of the local cluster, so `llama4ctl dev cluster down` (or
 Ctrl-C in the foreground) stops all of it. `PlacementDemo` is the earlier, model-free demo: the
@@ -35,7 +36,7 @@ from llama4_operator.monitoring.rules import GENERATED_TOKENS_RATE, READY_REPLIC
 
 REPOSITORY = Path(__file__).resolve().parents[3]
 CRD = REPOSITORY / "manifests" / "crd" / "serving.llama4.dev_llama4deployments.yaml"
-TINY_SAMPLE = REPOSITORY / "manifests" / "samples" / "tiny-reference.yaml"
+TINY_SAMPLE = REPOSITORY / "manifests" / "samples" / "tiny-vllm.yaml"
 PLACEMENT_SAMPLES = ("scout.yaml", "maverick.yaml")
 NAMESPACE = "llama4-demo"
 SUMMARY_FILE = "demo.json"  # in the cluster's state directory: what the demo started, for tools
@@ -117,30 +118,31 @@ def tiny_name() -> str:
     return name
 
 
-def tiny_manifest(tokenizer_dir: Path) -> dict[str, Any]:
-    """The tiny sample with its tokenizer where the Ray workers read it, one CPU thread per
-    engine (the machine is small), and autoscaling between 1 and 2 replicas with a per-replica
-    target low enough (10 tokens/s) that the demo's load scales it up while you watch."""
+def tiny_manifest(model_dir: Path, vocab_size: int) -> dict[str, Any]:
+    """The tiny vLLM sample with its checkpoint where the Ray workers read it, and autoscaling
+    between 1 and 2 replicas with a per-replica target low enough (10 tokens/s) that the demo's
+    load scales it up while you watch."""
     manifest: dict[str, Any] = yaml.safe_load(TINY_SAMPLE.read_text())
-    spec = manifest["spec"]
-    spec["model"]["weights"]["tokenizerPath"] = str(tokenizer_dir)
-    spec["engine"].setdefault("extraArgs", {})["torch_threads"] = "1"
-    spec["autoscaling"] = {
+    model = manifest["spec"]["model"]
+    model["weights"]["uri"] = str(model_dir)
+    model["architecture"]["vocabSize"] = vocab_size
+    manifest["spec"]["autoscaling"] = {
         "enabled": True,
         "minReplicas": 1,
         "maxReplicas": 2,
         "targetTokensPerSecond": 10,
-        "coldStartSeconds": 15,
+        "coldStartSeconds": 90,  # vLLM builds its engine in about a minute here
         "scaleDownDelaySeconds": 60,
     }
     return manifest
 
 
-def write_tiny_tokenizer(directory: Path, vocab_size: int) -> None:
+def write_tiny_checkpoint(directory: Path) -> int:
+    """Write the tiny checkpoint both engines load; returns its vocabulary size."""
     # Imports torch and transformers: only here, never when the CLI loads.
-    from llama4_serving.tiny import write_tokenizer  # noqa: PLC0415
+    from llama4_serving.tiny import engine_tiny_architecture, write_tiny_model  # noqa: PLC0415
 
-    write_tokenizer(directory, vocab_size)
+    return write_tiny_model(directory, engine_tiny_architecture()).vocab_size
 
 
 def deployment_row(item: dict[str, Any]) -> tuple[str, ...]:
@@ -252,18 +254,17 @@ class ServingDemo:
             self.cluster,
             ScrapeTargets(
                 operator=f"{LOOPBACK}:{operator_port}",
-                app_url=app_url,
                 namespace=NAMESPACE,
                 ray_discovery_file=ray.metrics_discovery_file,
             ),
         )
         self.console.log(f"Prometheus: {prometheus_url}")
         self.kube.start_operator(operator_port, *self._operator_args(ray, prometheus_url))
-        self.console.rule("The tiny Llama 4 reference model")
+        self.console.rule("A tiny Llama 4 on vLLM (CPU build), through Ray Serve LLM")
         model = self._apply_tiny()
         endpoints = DemoEndpoints(
             openai_base_url=f"{app_url}/v1",
-            model=str(model["spec"]["model"]["servedModelName"]),
+            model=str(model["spec"]["model"].get("servedModelName") or model["metadata"]["name"]),
             prometheus_url=prometheus_url,
             ray_dashboard_url=ray.dashboard_url,
             operator_metrics_url=f"http://{LOOPBACK}:{operator_port}/metrics",
@@ -281,16 +282,14 @@ class ServingDemo:
         ]
 
     def _apply_tiny(self) -> dict[str, Any]:
-        tokenizer_dir = self.cluster.directory / "tiny-tokenizer"
-        with self.console.status("writing the tiny model's tokenizer (loads torch) ..."):
-            manifest = tiny_manifest(tokenizer_dir)
-            vocab = int(manifest["spec"]["model"]["architecture"]["vocabSize"])
-            write_tiny_tokenizer(tokenizer_dir, vocab)
-        self.console.log(f"[green]✓[/] tokenizer written to {tokenizer_dir}")
+        model_dir = self.cluster.directory / "tiny-model"
+        with self.console.status("writing the tiny checkpoint and tokenizer (loads torch) ..."):
+            manifest = tiny_manifest(model_dir, write_tiny_checkpoint(model_dir))
+        self.console.log(f"[green]✓[/] tiny checkpoint written to {model_dir}")
         self.kube.kubectl("apply", "-n", NAMESPACE, "-f", "-", stdin=yaml.safe_dump(manifest))
         self.console.log(
-            f"applied manifests/samples/tiny-reference.yaml in namespace {NAMESPACE} "
-            "(tokenizerPath patched, autoscaling 1..2 replicas at 10 tokens/s each)"
+            f"applied manifests/samples/tiny-vllm.yaml in namespace {NAMESPACE} "
+            "(weights.uri patched, autoscaling 1..2 replicas at 10 tokens/s each)"
         )
         return manifest
 

@@ -1,9 +1,10 @@
 """A real Prometheus (the distribution's package) for the demo, as a LocalCluster component.
 
-It scrapes the operator (job `llama4-operator`, which the project's rules select), the serving
-replicas found through the Serve app's HTTP service discovery (`<serve url>/-/metrics/targets`,
-Prometheus' http_sd JSON of the live replicas' metrics ports), and Ray's own node metrics through
-the file Ray writes for service discovery. It evaluates the project's rules in monitoring/rules.
+It scrapes the operator (job `llama4-operator`, which the project's rules select), Ray's node
+metrics through the file Ray writes for service discovery (job `ray`: vLLM's series among them),
+and, for the reference engine, its replicas found through the Serve app's HTTP service discovery
+(`<serve url>/-/metrics/targets`, Prometheus' http_sd JSON of the live replicas' metrics ports).
+It evaluates the project's rules in monitoring/rules.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ SCRAPE_INTERVAL = "5s"
 @dataclass(frozen=True)
 class ScrapeTargets:
     operator: str  # host:port of the operator's /metrics
-    app_url: str  # the Serve application's base URL (proxy + route prefix): it lists replicas
     namespace: str  # what prometheus-operator would add as `namespace` to the serving series
     ray_discovery_file: Path | None = None
+    # A reference-engine application's base URL (proxy + route prefix): it lists its replicas.
+    app_url: str | None = None
 
 
 def prometheus_binary() -> str:
@@ -63,19 +65,24 @@ def prometheus_config(targets: ScrapeTargets, rule_files: list[Path]) -> dict[st
             "job_name": "llama4-operator",
             "static_configs": [{"targets": [targets.operator]}],
         },
-        {
-            "job_name": "llama4-serving",
-            "http_sd_configs": [
-                {"url": f"{targets.app_url}{TARGETS_PATH}", "refresh_interval": "10s"}
-            ],
-            "relabel_configs": serving_labels,
-        },
     ]
+    if targets.app_url is not None:
+        jobs.append(
+            {
+                "job_name": "llama4-serving",
+                "http_sd_configs": [
+                    {"url": f"{targets.app_url}{TARGETS_PATH}", "refresh_interval": "10s"}
+                ],
+                "relabel_configs": serving_labels,
+            }
+        )
     if targets.ray_discovery_file is not None:
+        # The demo's Ray serves the demo's namespace only: its series belong there.
         jobs.append(
             {
                 "job_name": "ray",
                 "file_sd_configs": [{"files": [str(targets.ray_discovery_file)]}],
+                "relabel_configs": serving_labels,
             }
         )
     return {

@@ -54,6 +54,9 @@ RAY_ENV = {
     # A raylet waits this long for its dashboard agent; on a busy 2-core machine the agent
     # can take more than the default 15 s to import and start.
     "RAY_agent_register_timeout_ms": "120000",
+    # Ray turns token authentication on by itself when a token file exists (~/.ray/auth_token,
+    # left by any earlier Ray); the local cluster is loopback-only and says so explicitly.
+    "RAY_AUTH_MODE": "disabled",
 }
 
 
@@ -152,10 +155,7 @@ class RayClusterStarter:
         ]
         self._start_node(
             Component("ray-head", head, dict(RAY_ENV)),
-            ready=lambda: (
-                self._nodes_alive(dashboard, 1)
-                and httpx.get(f"{dashboard}/api/serve/applications/", timeout=5).is_success
-            ),
+            ready=lambda: self._nodes_alive(dashboard, 1) and _serve_api_answers(dashboard),
         )
         for index in range(self.nodes.workers):
             worker = [
@@ -201,6 +201,8 @@ class RayClusterStarter:
                 self.cluster.start_component(
                     component, self._unless_raylet_crashes(component.name, ready)
                 )
+            except RayAuthenticationError:
+                raise  # another attempt meets the same 401
             except ClusterError as error:
                 if attempt == attempts:
                     raise
@@ -240,6 +242,7 @@ class RayClusterStarter:
     @staticmethod
     def _nodes_alive(dashboard: str, expected: int) -> bool:
         response = httpx.get(f"{dashboard}/api/v0/nodes", params={"limit": 100}, timeout=5)
+        refuse_unauthenticated(response)
         if not response.is_success:
             return False
         nodes: list[dict[str, Any]] = response.json()["data"]["result"]["result"]
@@ -285,10 +288,32 @@ class RayClusterStarter:
         return serve_url
 
 
+class RayAuthenticationError(ClusterError):
+    """Ray's dashboard refused the dev environment's unauthenticated call (401)."""
+
+
+def _serve_api_answers(dashboard: str) -> bool:
+    response = httpx.get(f"{dashboard}/api/serve/applications/", timeout=5)
+    refuse_unauthenticated(response)
+    return response.is_success
+
+
+def refuse_unauthenticated(response: httpx.Response) -> None:
+    """Fail at once, saying why, when Ray's dashboard wants a token: waiting cannot help."""
+    if response.status_code == httpx.codes.UNAUTHORIZED:
+        raise RayAuthenticationError(
+            f"Ray's dashboard answered 401 ({response.text.strip()[:200]}): token "
+            "authentication is on for the Ray that answered, but the dev environment starts its "
+            f"Ray with RAY_AUTH_MODE={RAY_ENV['RAY_AUTH_MODE']}, so another Ray may hold the "
+            "port: stop it (`ray stop`) and run again"
+        )
+
+
 def _proxy_healthy(dashboard: str) -> bool:
     try:
         response = httpx.get(f"{dashboard}/api/serve/applications/", timeout=5)
     except httpx.HTTPError:
         return False
+    refuse_unauthenticated(response)
     proxies = (response.json().get("proxies") or {}) if response.is_success else {}
     return any(proxy.get("status") == "HEALTHY" for proxy in proxies.values())

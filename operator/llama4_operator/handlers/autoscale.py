@@ -96,7 +96,7 @@ class Autoscaler:
         state = self._states.setdefault((namespace, name), AutoscalerState())
         config = policy_config(spec.autoscaling, self.interval_s)
         current = spec.replicas
-        target = DeploymentTarget.of(body, spec.model.served_model_name)
+        target = DeploymentTarget.of(body, spec.model.served_model_name, spec.engine.name)
         sample: MetricSample | None = None
         read_error: str | None = None
         try:

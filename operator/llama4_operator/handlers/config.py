@@ -11,6 +11,7 @@ from importlib import metadata
 ENV_IMAGE = "LLAMA4_SERVING_IMAGE"
 ENV_RAY_VERSION = "LLAMA4_RAY_VERSION"
 ENV_EXTERNAL_RAY = "LLAMA4_EXTERNAL_RAY_DASHBOARD"
+ENV_RAY_TOKEN_FILE = "LLAMA4_RAY_AUTH_TOKEN_FILE"
 ENV_RESYNC = "LLAMA4_RESYNC_INTERVAL_SECONDS"
 ENV_METRICS_PORT = "LLAMA4_METRICS_PORT"
 ENV_KUBECONFIG = "KUBECONFIG"
@@ -46,6 +47,8 @@ class OperatorConfig:
     image: str = DEFAULT_IMAGE
     ray_version: str = ""
     external_ray_dashboard: str | None = None
+    ray_auth_token_file: str | None = None
+    """File holding the external Ray cluster's token; None: $RAY_AUTH_TOKEN, if set."""
     resync_interval_s: float = DEFAULT_RESYNC_S
     metrics_port: int = DEFAULT_METRICS_PORT
     kubeconfig: str | None = None
@@ -73,6 +76,7 @@ class OperatorConfig:
             image=env.get(ENV_IMAGE) or DEFAULT_IMAGE,
             ray_version=env.get(ENV_RAY_VERSION) or _default_ray_version(),
             external_ray_dashboard=dashboard,
+            ray_auth_token_file=env.get(ENV_RAY_TOKEN_FILE) or None,
             resync_interval_s=resync,
             metrics_port=metrics_port,
             kubeconfig=env.get(ENV_KUBECONFIG) or None,

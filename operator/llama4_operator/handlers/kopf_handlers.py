@@ -21,7 +21,7 @@ from llama4_operator.handlers.config import OperatorConfig
 from llama4_operator.handlers.rebalance import Rebalancer
 from llama4_operator.handlers.reconcile import Reconciler
 from llama4_operator.kube import Kube, kopf_connection
-from llama4_operator.ray_dashboard import RayDashboard
+from llama4_operator.ray_dashboard import RayAuthenticationError, RayDashboard
 from llama4_operator.renderers.children import Owner, external_app_name
 
 CONFIG = OperatorConfig.from_env()
@@ -97,7 +97,9 @@ async def startup(
     global _reconciler  # noqa: PLW0603 - one runtime per operator process, set at startup
     configure_settings(settings, CONFIG)
     dashboard = (
-        RayDashboard(CONFIG.external_ray_dashboard) if CONFIG.external_ray_dashboard else None
+        RayDashboard(CONFIG.external_ray_dashboard, token_file=CONFIG.ray_auth_token_file)
+        if CONFIG.external_ray_dashboard
+        else None
     )
     _reconciler = Reconciler(Kube.from_kubeconfig(CONFIG.kubeconfig), CONFIG, dashboard)
     logger.info(
@@ -203,7 +205,18 @@ async def delete(body: kopf.Body, logger: Any, **_: Any) -> None:
     owner = Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
     runtime = _runtime()
     if runtime.dashboard is not None:
-        await runtime.dashboard.remove(external_app_name(owner))
+        try:
+            await runtime.dashboard.remove(external_app_name(owner))
+        except RayAuthenticationError as error:
+            # A refused token will not mend itself soon: the deletion goes on, and says what
+            # it left behind.
+            runtime.kube.post_event(
+                body,
+                "Warning",
+                "RayAuthenticationFailed",
+                f"Serve application {external_app_name(owner)} may be left on the Ray cluster, "
+                f"which refused to list or remove it: {error}",
+            )
     metrics.forget(owner.namespace, owner.name)
     if _autoscaler is not None:
         _autoscaler.forget(owner.namespace, owner.name)

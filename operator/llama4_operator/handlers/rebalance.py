@@ -98,7 +98,8 @@ class Rebalancer:
         except ValidationError:
             return None  # the reconciliation reports it
         settings = spec.placement.rebalance
-        if not settings.enabled:
+        # vLLM takes no external plan and balances its experts itself (EPLB).
+        if not settings.enabled or spec.engine.name != "reference":
             self.forget(owner.namespace, owner.name)
             return None
         window = self._windows.setdefault((owner.namespace, owner.name), _Window())

@@ -33,7 +33,7 @@ from llama4_operator.handlers.status import (
     transitions,
 )
 from llama4_operator.kube import SERVICE_MONITOR_CRD, KubeApi
-from llama4_operator.ray_dashboard import RayDashboard
+from llama4_operator.ray_dashboard import RayAuthenticationError, RayDashboard
 from llama4_operator.renderers.children import (
     EXPERT_PLACEMENT_KEY,
     Owner,
@@ -153,13 +153,19 @@ class Reconciler:
             await asyncio.gather(*(self.kube.apply(child) for child in state.children))
             if self.dashboard is not None:
                 await self._sync_external(owner, state)
-        except kopf.PermanentError as error:
-            # A child the API server refuses will not be accepted on retry either: say so.
+        except (kopf.PermanentError, RayAuthenticationError) as error:
+            # A child the API server refuses will not be accepted on retry either, nor a token
+            # the Ray cluster refuses (retried slowly, in case a Secret changes): say so.
+            reason = (
+                "RayAuthenticationFailed"
+                if isinstance(error, RayAuthenticationError)
+                else "ApplyFailed"
+            )
             await self._write(
                 body,
                 owner,
                 generation=generation,
-                updates=apply_failed_conditions(state, str(error)),
+                updates=apply_failed_conditions(state, str(error), reason),
                 state=state,
                 health=None,
                 spec=spec,

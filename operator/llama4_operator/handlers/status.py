@@ -25,7 +25,7 @@ from llama4_operator.api.models import (
 )
 from llama4_operator.planners.gpu_products import GIB
 from llama4_operator.renderers.deployment import DesiredState
-from llama4_serving.config import LLM_SERVER_DEPLOYMENT
+from llama4_serving.config import is_engine_deployment
 
 RUNNING = "RUNNING"
 DEPLOYING = "DEPLOYING"
@@ -89,7 +89,10 @@ class ServeHealth:
         if not self.serving:
             return 0
         if self.running_replicas is not None:
-            return min(self.running_replicas.get(LLM_SERVER_DEPLOYMENT, 0), placed)
+            engine = sum(
+                n for name, n in self.running_replicas.items() if is_engine_deployment(name)
+            )
+            return min(engine, placed)
         if self.running:
             return placed
         return min(max(previously_ready, 1), placed)
@@ -204,13 +207,16 @@ def invalid_spec_conditions(message: str) -> list[ConditionUpdate]:
     ]
 
 
-def apply_failed_conditions(state: DesiredState, message: str) -> list[ConditionUpdate]:
-    """A child the API server refused: nothing new runs until the spec (or operator) changes."""
+def apply_failed_conditions(
+    state: DesiredState, message: str, reason: str = "ApplyFailed"
+) -> list[ConditionUpdate]:
+    """A child the API server refused, or an external Ray cluster that refused the operator's
+    token (`RayAuthenticationFailed`): nothing new runs until someone changes something."""
     fits = deployment_conditions(state, None)[-1]
     return [
-        ConditionUpdate("Ready", "False", "ApplyFailed", message),
-        ConditionUpdate("Progressing", "False", "ApplyFailed", message),
-        ConditionUpdate("Degraded", "True", "ApplyFailed", message),
+        ConditionUpdate("Ready", "False", reason, message),
+        ConditionUpdate("Progressing", "False", reason, message),
+        ConditionUpdate("Degraded", "True", reason, message),
         fits,
     ]
 
@@ -296,6 +302,7 @@ def placement_status(state: DesiredState) -> PlacementStatus | None:
         unplaced=placement.unplaced,
         reason=placement.reason,
         expert_plan_version=experts.placement.version if experts else 0,
+        expert_balancer=state.expert_balancer,
         expert_balance=round(experts.balance, 4) if experts else 1.0,
     )
 

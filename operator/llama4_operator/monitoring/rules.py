@@ -43,26 +43,49 @@ def _by_deployment(inner: str, extra: str = "") -> str:
     return f"sum by ({keys}) ({named})"
 
 
+# The same quantities in the vllm engine's own series (vLLM's `vllm:*` metrics as Ray's metrics
+# agent exports them under Ray Serve LLM) and the reference engine's; a deployment runs one.
+VLLM_SERIES = {
+    "llama4_generation_tokens_total": "ray_vllm_generation_tokens_total",
+    "llama4_prompt_tokens_total": "ray_vllm_prompt_tokens_total",
+    "llama4_requests_total": "ray_vllm_request_success_total",
+    "llama4_time_to_first_token_seconds_bucket": "ray_vllm_time_to_first_token_seconds_bucket",
+    "llama4_time_per_output_token_seconds_bucket": (
+        "ray_vllm_request_time_per_output_token_seconds_bucket"
+    ),
+}
+# The label naming why a request finished: the reference engine's and vLLM's.
+FINISH_LABELS = ("finish_reason", "finished_reason")
+
+
+def _series(metric: str, sel: str, extra: str = "") -> str:
+    """A selector of `metric` from either engine."""
+    names = "|".join((metric, VLLM_SERIES[metric]))
+    return f'{{__name__=~"{names}",{sel}{extra}}}'
+
+
 def recording_rules(sel: Selectors) -> list[Rule]:
     s = sel.serving
     rules: list[Rule] = [
         {
             "record": GENERATED_TOKENS_RATE,
-            "expr": _by_deployment(f"rate(llama4_generation_tokens_total{{{s}}}[5m])"),
+            "expr": _by_deployment(f"rate({_series('llama4_generation_tokens_total', s)}[5m])"),
         },
         {
             "record": "namespace_name:llama4_prompt_tokens:rate5m",
-            "expr": _by_deployment(f"rate(llama4_prompt_tokens_total{{{s}}}[5m])"),
+            "expr": _by_deployment(f"rate({_series('llama4_prompt_tokens_total', s)}[5m])"),
         },
         {
             "record": "namespace_name:llama4_requests:rate5m",
-            "expr": _by_deployment(f"rate(llama4_requests_total{{{s}}}[5m])"),
+            "expr": _by_deployment(f"rate({_series('llama4_requests_total', s)}[5m])"),
         },
     ]
     for window in ERROR_RATIO_WINDOWS:
-        failed = f'llama4_requests_total{{{s},finish_reason="error"}}'
-        errors = _by_deployment(f"rate({failed}[{window}])")
-        total = _by_deployment(f"rate(llama4_requests_total{{{s}}}[{window}])")
+        failed = [
+            _series("llama4_requests_total", s, f',{label}="error"') for label in FINISH_LABELS
+        ]
+        errors = " or ".join(_by_deployment(f"rate({f}[{window}])") for f in failed)
+        total = _by_deployment(f"rate({_series('llama4_requests_total', s)}[{window}])")
         rules.append(
             {
                 # `or ... * 0`: a deployment without a single failure has no error series; its
@@ -72,10 +95,11 @@ def recording_rules(sel: Selectors) -> list[Rule]:
             }
         )
     for histogram in ("llama4_time_to_first_token_seconds", "llama4_time_per_output_token_seconds"):
+        buckets = _series(f"{histogram}_bucket", s)
         rules.append(
             {
                 "record": f"namespace_name_le:{histogram}_bucket:rate5m",
-                "expr": _by_deployment(f"rate({histogram}_bucket{{{s}}}[5m])", "le"),
+                "expr": _by_deployment(f"rate({buckets}[5m])", "le"),
             }
         )
     routed = ROUTED_TOKENS_RATE

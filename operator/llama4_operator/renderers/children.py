@@ -344,13 +344,10 @@ def expert_config_map_name(owner: Owner) -> str:
     return f"{owner.name}-expert-placement"
 
 
-def render_expert_config_map(owner: Owner, config: ServingConfig) -> Object:
-    """The expert placement (phy2log per MoE layer), for people and tools to read; reconcile
-    reads it back as the plan to keep, and the rebalance loop writes its new plans here."""
-    return render_expert_placement(owner, config.placement)
-
-
 def render_expert_placement(owner: Owner, placement: ExpertPlacement | None) -> Object:
+    """The operator's expert placement (phy2log per MoE layer), for people and tools to read;
+    reconcile reads it back as the plan to keep, and the rebalance loop writes its new plans
+    here. The reference engine runs it; vLLM places its own (status.placement.expertBalancer)."""
     document = placement.model_dump(mode="json") if placement is not None else None
     return {
         "apiVersion": "v1",
@@ -456,6 +453,7 @@ def render_children(
     config: ServingConfig,
     *,
     placement: ClusterPlacement,
+    experts: ExpertPlacement | None,
     gpu_product: str | None,
     settings: RayPodSettings,
     external_dashboard: str | None = None,
@@ -464,7 +462,7 @@ def render_children(
 ) -> list[Object]:
     """Every desired child, in apply order (the RayService last: it references nothing, but it
     is the expensive one, so the cheap objects are in place first)."""
-    children: list[Object] = [render_expert_config_map(owner, config)]
+    children: list[Object] = [render_expert_placement(owner, experts)]
     if external_dashboard:
         children.extend(render_external_endpoint(owner, external_dashboard))
     else:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from llama4_operator.api.catalog import architecture_of
-from llama4_operator.api.models import Llama4DeploymentSpec, PlacementStatus
+from llama4_operator.api.models import ExpertBalancer, Llama4DeploymentSpec, PlacementStatus
 from llama4_operator.planners.cluster_placement import (
     ClusterPlacement,
     GpuNode,
@@ -30,6 +30,7 @@ from llama4_operator.renderers.children import (
 from llama4_operator.renderers.serving import (
     ENGINE_METRICS_PORT,
     ExpertLayout,
+    expert_balancer,
     plan_initial_experts,
     serve_application,
     serving_config,
@@ -57,6 +58,7 @@ class DesiredState:
     children: list[Object] = field(default_factory=list)
     external_application: dict[str, Any] | None = None
     skipped_nodes: tuple[str, ...] = ()
+    expert_balancer: ExpertBalancer = "none"
 
     @property
     def placed_replicas(self) -> int:
@@ -157,6 +159,7 @@ def desired_state(
         spec,
         config,
         placement=placement,
+        experts=experts.placement,
         gpu_product=product_label,
         settings=settings,
         external_dashboard=external_dashboard,
@@ -176,4 +179,5 @@ def desired_state(
         children=children,
         external_application=application,
         skipped_nodes=tuple(skipped),
+        expert_balancer=expert_balancer(spec, config.engine_args),
     )

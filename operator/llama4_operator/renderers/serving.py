@@ -5,6 +5,7 @@ without its runtime knobs, which go in `LLMServer`'s deployment-level override).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,14 +16,17 @@ from llama4_operator.api.catalog import architecture_of, weights_uri_of
 from llama4_operator.api.models import (
     DEPLOYMENT_SERIES_LABEL,
     CustomArchitecture,
+    ExpertBalancer,
     Llama4DeploymentSpec,
 )
 from llama4_operator.planners import placement_metrics
 from llama4_operator.planners.expert_placement import plan_experts, uniform_load
 from llama4_operator.planners.fit import Layout
 from llama4_operator.planners.placement_metrics import Topology
+from llama4_operator.renderers.engine_placement import vllm_expert_parallel_args
 from llama4_serving.config import (
     BatchingLimits,
+    EngineArgValue,
     ExpertPlacement,
     ModelArchitecture,
     ServingConfig,
@@ -35,7 +39,6 @@ IMPORT_PATH = "llama4_serving.app:build_app"
 SERVE_HTTP_PORT = 8000
 ENGINE_METRICS_PORT = 8090  # each engine replica's /metrics (the serving app's own metrics)
 API_KEY_MOUNT_DIR = "/var/run/secrets/llama4/api-key"
-EngineArgValue = str | int | float | bool
 
 
 @dataclass(frozen=True)
@@ -126,37 +129,59 @@ def serving_architecture(arch: CustomArchitecture, max_context: int) -> ModelArc
 
 
 def parse_extra_args(extra: dict[str, str]) -> dict[str, EngineArgValue]:
-    """`engine.extraArgs` values are strings in the CRD; read "true", "4", "0.9" as YAML scalars."""
+    """`engine.extraArgs` values are strings in the CRD; read "true", "4", "0.9" as YAML scalars
+    and "{key: value}" as a flat mapping (vLLM's nested arguments, e.g. `eplb_config`)."""
     parsed: dict[str, EngineArgValue] = {}
     for key, text in extra.items():
         try:
             value = yaml.safe_load(text) if text else text
         except yaml.YAMLError:
             value = text
-        parsed[key] = value if isinstance(value, str | int | float | bool) else text
+        if isinstance(value, dict) and all(
+            isinstance(k, str) and isinstance(v, str | int | float | bool) for k, v in value.items()
+        ):
+            parsed[key] = value
+        else:
+            parsed[key] = value if isinstance(value, str | int | float | bool) else text
     return parsed
 
 
-def engine_args(spec: Llama4DeploymentSpec, layout: Layout) -> dict[str, EngineArgValue]:
-    """Engine arguments: vLLM's parallelism, EPLB and batching flags, then the user's extras."""
+def engine_args(
+    spec: Llama4DeploymentSpec, layout: Layout, experts: ExpertPlacement | None = None
+) -> dict[str, EngineArgValue]:
+    """Engine arguments: for vLLM its parallelism and, with expert parallelism, the shape of
+    the expert plan (`experts`: its slots beyond one per expert are vLLM's redundant experts,
+    which its own EPLB places), then the user's extras. The batching limits travel in the
+    config's `batching`, which the engine reads."""
     args: dict[str, EngineArgValue] = {}
     if spec.engine.name == "vllm":
-        batching = spec.serving.batching
         args = {
             "tensor_parallel_size": layout.tensor,
-            "data_parallel_size": layout.data,
             "pipeline_parallel_size": layout.pipeline,
-            "enable_expert_parallel": layout.expert_parallel,
-            "max_model_len": spec.model.max_context_length,
-            "max_num_seqs": batching.max_num_seqs,
-            "max_num_batched_tokens": batching.max_num_batched_tokens,
-            "enable_eplb": spec.placement.rebalance.enabled,
-            "num_redundant_experts": spec.placement.redundant_expert_slots,
         }
+        if layout.data > 1:
+            args["data_parallel_size"] = layout.data
+        # Expert parallelism over one GPU is none: vLLM (and its EPLB) stay off it.
+        if layout.expert_parallel and layout.expert_width > 1 and experts is not None:
+            args.update(
+                vllm_expert_parallel_args(
+                    experts.phy2log,
+                    experts=architecture_of(spec.model).num_local_experts,
+                    engine_rebalances=spec.placement.rebalance.enabled,
+                )
+            )
         if spec.model.quantization == "fp8":
             args["quantization"] = "fp8"
     args.update(parse_extra_args(spec.engine.extra_args))
     return args
+
+
+def expert_balancer(spec: Llama4DeploymentSpec, args: Mapping[str, Any]) -> ExpertBalancer:
+    """Who keeps the experts balanced: `operator` (the reference engine takes the operator's
+    plans), `vllm-eplb` (vLLM's own balancer, on with expert parallelism) or `none`."""
+    if spec.engine.name == "reference":
+        return "operator" if spec.placement.rebalance.enabled else "none"
+    return "vllm-eplb" if args.get("enable_eplb") is True else "none"
 
 
 def serving_config(
@@ -191,9 +216,10 @@ def serving_config(
         ),
         quantization=model.quantization,
         engine=spec.engine.name,
-        engine_args=engine_args(spec, layout),
+        engine_args=engine_args(spec, layout, experts),
         num_replicas=replicas,
-        placement=experts,
+        # vLLM takes no external plan: its own EPLB balances the experts.
+        placement=experts if spec.engine.name == "reference" else None,
         batching=BatchingLimits(
             max_num_seqs=spec.serving.batching.max_num_seqs,
             max_num_batched_tokens=spec.serving.batching.max_num_batched_tokens,

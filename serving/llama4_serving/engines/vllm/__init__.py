@@ -1,0 +1,1 @@
+"""The `vllm` engine: vLLM served through Ray Serve LLM (`ray.serve.llm`)."""

@@ -1,0 +1,454 @@
+"""The default engine, served for real: the operator deploys a tiny `engine: vllm`
+Llama4Deployment (manifests/samples/tiny-vllm.yaml) to a real Ray cluster in external-Ray mode;
+vLLM's CPU build runs it through Ray Serve LLM, and the official `openai` client uses the OpenAI
+surface users expect. The live autoscaler then scales it 1 -> 2 -> 1 on vLLM's own token counters
+read from a real Prometheus (scraping Ray's metrics agents), and the first engine replica serves
+throughout.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import yaml
+from prometheus_server import PrometheusApi, prometheus
+from ray_serve import RayServe, ray_serve_cluster
+
+from llama4_operator.devenv.cluster import LocalCluster
+from llama4_operator.monitoring.rules import GENERATED_TOKENS_RATE
+from llama4_operator.renderers.children import Owner, external_app_name, external_route_prefix
+from support import REPO, Kubectl, OperatorProcess, wait_for
+
+pytestmark = pytest.mark.cluster
+
+NAMESPACE = "vllm-live"
+NAME = "tiny"
+OWNER = Owner(name=NAME, namespace=NAMESPACE, uid="-")
+APP = external_app_name(OWNER)
+WEATHER_TOOL: Any = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo"]}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+ANSWER_SCHEMA = {
+    "type": "object",
+    "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
+    "required": ["answer"],
+    "additionalProperties": False,
+}
+
+
+@dataclass
+class Served:
+    """The deployment once Ready: where it answers, and what watches it."""
+
+    base_url: str  # the OpenAI base URL (ends in /v1)
+    model: str
+    ray: RayServe
+    prometheus: PrometheusApi
+    operator: OperatorProcess
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, api_key="unused", timeout=120)
+
+
+def manifest(model_dir: Path) -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load(
+        (REPO / "manifests" / "samples" / "tiny-vllm.yaml").read_text()
+    )
+    document["metadata"] = {"name": NAME, "namespace": NAMESPACE}
+    spec = document["spec"]
+    spec["model"]["weights"]["uri"] = str(model_dir)
+    spec["autoscaling"] = {
+        "enabled": True,
+        "minReplicas": 1,
+        "maxReplicas": 2,
+        # Far below what the tiny model serves, so a few concurrent clients overload a replica.
+        "targetTokensPerSecond": 10,
+        "scaleDownDelaySeconds": 20,
+        "coldStartSeconds": 60,
+    }
+    return document
+
+
+def status(kubectl: Kubectl) -> dict[str, Any]:
+    found = kubectl.get("l4d", NAME, NAMESPACE)
+    return (found or {}).get("status") or {}
+
+
+def condition(kubectl: Kubectl, kind: str) -> dict[str, Any]:
+    return next((c for c in status(kubectl).get("conditions", []) if c["type"] == kind), {})
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint, written by the command users run."""
+    directory = tmp_path_factory.mktemp("tiny-vllm") / "model"
+    subprocess.run(
+        [sys.executable, "-m", "llama4_serving.tiny", str(directory)], check=True, timeout=300
+    )
+    return directory
+
+
+@pytest.fixture(scope="module")
+def served(
+    local_cluster: LocalCluster,
+    kubectl: Kubectl,
+    operator: OperatorProcess,
+    model_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Served]:
+    state = tmp_path_factory.mktemp("vllm-live")
+    # The session's operator (RayService mode) would act on this resource too: pause it.
+    operator.stop()
+    with ray_serve_cluster(state) as ray:
+        wait_for(ray.metrics_discovery_file.exists, 60, f"{ray.metrics_discovery_file}")
+        external = OperatorProcess(
+            local_cluster.kubeconfig,
+            state,
+            extra_args=(
+                f"--external-ray-dashboard={ray.dashboard}",
+                "--ray-accelerator-resource=fake_gpu",
+                "--autoscale-interval=2",
+            ),
+        )
+        with prometheus(
+            state,
+            # The job name the chart's ServiceMonitor gives the operator, which the rules select.
+            {"llama4-operator": (f"127.0.0.1:{external.metrics_port}", {})},
+            discovery_files={"ray": ray.metrics_discovery_file},
+        ) as prom:
+            external.extra_args += (f"--prometheus-url={prom.url}",)
+            external.start()
+            try:
+                kubectl.run("create", "namespace", NAMESPACE, check=False)
+                kubectl.apply(manifest(model_dir), NAMESPACE)
+                started = time.monotonic()
+                wait_for(
+                    lambda: condition(kubectl, "Ready").get("status") == "True",
+                    900,  # vLLM builds its engine: minutes on a busy 2-core machine
+                    f"{NAME} Ready (last status: {status(kubectl).get('conditions')})",
+                )
+                print(f"Ready {time.monotonic() - started:.0f} s after apply")
+                yield Served(
+                    base_url=f"{ray.serve_url}{external_route_prefix(OWNER)}/v1",
+                    model=NAME,
+                    ray=ray,
+                    prometheus=prom,
+                    operator=external,
+                )
+            finally:
+                kubectl.run("delete", "l4d", NAME, "-n", NAMESPACE, "--wait=true", check=False)
+                external.stop()
+                print(external.log()[-4000:])
+                operator.start()
+
+
+def test_status_says_what_serves(served: Served, kubectl: Kubectl) -> None:
+    current = status(kubectl)
+    assert current["readyReplicas"] == 1
+    # The operator names Serve's default port; the route is the deployment's.
+    assert current["endpoint"].endswith(f"{external_route_prefix(OWNER)}/v1")
+    placement = current["placement"]
+    # One GPU per replica: no expert parallelism, so no balancer; the operator's plan is not
+    # vLLM's to take.
+    assert placement["expertBalancer"] == "none"
+    assert served.ray.engine_replica_ids(APP), "no RUNNING LLMServer replica"
+    deployments = served.ray.application(APP)["deployments"]
+    assert set(deployments) == {"LLMServer:tiny", "Llama4Ingress"}
+
+
+def test_models_and_health(served: Served) -> None:
+    client = served.client()
+    assert [m.id for m in client.models.list().data] == [served.model]
+    assert client.models.retrieve(served.model).id == served.model
+    health = httpx.get(f"{served.base_url.removesuffix('/v1')}/health", timeout=30)
+    assert health.status_code == 200, health.text
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
+def test_chat_with_several_choices_and_logprobs(served: Served) -> None:
+    reply = served.client().chat.completions.create(
+        model=served.model,
+        messages=[{"role": "user", "content": "Hello!"}],
+        max_tokens=6,
+        n=2,
+        logprobs=True,
+        top_logprobs=2,
+        temperature=1.0,
+        seed=7,
+    )
+    assert sorted(c.index for c in reply.choices) == [0, 1]
+    assert reply.usage is not None
+    lengths = []
+    for choice in reply.choices:
+        assert choice.logprobs is not None
+        assert choice.logprobs.content is not None
+        tokens = len(choice.logprobs.content)
+        # A sampled end-of-turn token may end a choice early; otherwise it runs to max_tokens.
+        assert tokens == 6 if choice.finish_reason == "length" else 0 < tokens <= 6, choice
+        assert all(len(token.top_logprobs) == 2 for token in choice.logprobs.content)
+        lengths.append(tokens)
+    assert reply.usage.completion_tokens == sum(lengths)
+
+
+def test_completions_with_logprobs(served: Served) -> None:
+    reply = served.client().completions.create(
+        model=served.model,
+        prompt="The quick brown fox",
+        max_tokens=5,
+        logprobs=2,
+        extra_body={"ignore_eos": True},  # vLLM's own parameter: always 5 tokens
+    )
+    (choice,) = reply.choices
+    assert choice.logprobs is not None
+    assert choice.logprobs.token_logprobs is not None
+    assert len(choice.logprobs.token_logprobs) == 5
+    assert choice.logprobs.top_logprobs is not None
+    # The two likeliest tokens, and the chosen one where it is not among them (random weights).
+    assert all(2 <= len(top) <= 3 for top in choice.logprobs.top_logprobs)
+    assert reply.usage is not None
+    assert reply.usage.completion_tokens == 5
+
+
+def test_structured_output(served: Served) -> None:
+    client = served.client()
+    schema_reply = client.chat.completions.create(
+        model=served.model,
+        messages=[{"role": "user", "content": "Is it raining?"}],
+        max_tokens=40,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "answer", "schema": ANSWER_SCHEMA, "strict": True},
+        },
+    )
+    content = schema_reply.choices[0].message.content or ""
+    assert json.loads(content)["answer"] in {"yes", "no"}, content
+    object_reply = client.chat.completions.create(
+        model=served.model,
+        messages=[{"role": "user", "content": "Reply in JSON."}],
+        max_tokens=40,
+        response_format={"type": "json_object"},
+    )
+    content = object_reply.choices[0].message.content or ""
+    assert isinstance(json.loads(content), dict), content
+
+
+def test_a_named_tool_is_called(served: Served) -> None:
+    reply = served.client().chat.completions.create(
+        model=served.model,
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        max_tokens=40,
+        tools=[WEATHER_TOOL],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
+    calls = reply.choices[0].message.tool_calls or []
+    assert len(calls) == 1, reply
+    call = calls[0]
+    assert call.type == "function"
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments)["city"] in {"Paris", "Oslo"}
+
+
+def test_streaming_reports_usage(served: Served) -> None:
+    stream = served.client().chat.completions.create(
+        model=served.model,
+        messages=[{"role": "user", "content": "Count to three."}],
+        max_tokens=5,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert any(c.choices and c.choices[0].finish_reason == "length" for c in chunks)
+    usage = chunks[-1].usage
+    assert usage is not None, chunks[-1]
+    assert usage.completion_tokens == 5
+    assert usage.prompt_tokens > 0
+    assert text, "no content was streamed"
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "named"),
+    [
+        ({"max_tokens": 5000}, "max_tokens"),  # beyond maxContextLength (1024)
+        ({"max_tokens": 4, "temperature": -1}, "temperature"),
+        ({"max_tokens": 4, "logprobs": True, "top_logprobs": 50}, "logprobs"),
+    ],
+)
+def test_requests_it_cannot_serve_get_a_400_naming_the_field(
+    served: Served, request_fields: dict[str, Any], named: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        served.client().chat.completions.create(
+            model=served.model, messages=[{"role": "user", "content": "Hi"}], **request_fields
+        )
+    assert named in str(raised.value)
+
+
+class Load:
+    """Concurrent chat requests until stopped; counts what was answered."""
+
+    def __init__(self, served: Served, clients: int = 4) -> None:
+        self.served = served
+        self.stop_event = threading.Event()
+        self.answered = 0
+        self.failed: list[str] = []
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def _run(self) -> None:
+        client = self.served.client()
+        while not self.stop_event.is_set():
+            try:
+                client.chat.completions.create(
+                    model=self.served.model,
+                    messages=[{"role": "user", "content": "Mixture of experts route tokens"}],
+                    max_tokens=24,
+                )
+                self.answered += 1
+            except openai.OpenAIError as error:
+                self.failed.append(f"{type(error).__name__}: {error}")
+                self.stop_event.wait(0.5)
+
+    def __enter__(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop_event.set()
+        for thread in self.threads:
+            thread.join(timeout=150)
+
+
+def spec_replicas(kubectl: Kubectl) -> int:
+    return int(kubectl.run("get", "l4d", NAME, "-n", NAMESPACE, "-o=jsonpath={.spec.replicas}"))
+
+
+def test_scales_on_vllm_tokens_and_keeps_the_first_replica(
+    served: Served, kubectl: Kubectl
+) -> None:
+    (first,) = served.ray.engine_replica_ids(APP)
+    seen: list[list[str]] = []
+
+    def replicas_now() -> list[str]:
+        ids = served.ray.engine_replica_ids(APP)
+        seen.append(ids)
+        return ids
+
+    with Load(served) as load:
+        wait_for(lambda: spec_replicas(kubectl) == 2, 240, "spec.replicas to go 1 -> 2")
+        wait_for(lambda: len(replicas_now()) == 2, 600, "2 RUNNING vLLM engine replicas")
+        # The autoscaler read vLLM's own counters, through Prometheus, for this deployment.
+        rate = wait_for(
+            lambda: served.prometheus.query(f'{GENERATED_TOKENS_RATE}{{name="{NAME}"}} > 0'),
+            90,
+            f"{GENERATED_TOKENS_RATE} for {NAME} from vLLM's series",
+        )
+        assert rate
+        wait_for(
+            lambda: (
+                condition(kubectl, "Ready").get("status") == "True"
+                and status(kubectl).get("readyReplicas") == 2
+            ),
+            120,
+            "readyReplicas 2",
+        )
+    assert load.answered > 0
+    assert not load.failed, load.failed[:5]
+
+    wait_for(lambda: spec_replicas(kubectl) == 1, 240, "spec.replicas back 2 -> 1")
+    wait_for(lambda: len(replicas_now()) == 1, 240, "1 vLLM engine replica again")
+    # The replica that served first served throughout: scaling never restarted it.
+    assert all(first in ids for ids in seen if ids), seen
+    assert served.ray.engine_replica_ids(APP) == [first]
+    autoscaling = status(kubectl)["autoscaling"]
+    assert autoscaling["metricsSource"] == f"prometheus {served.prometheus.url}"
+    reasons = [
+        e["reason"]
+        for e in json.loads(
+            kubectl.run(
+                "get",
+                "events",
+                "-n",
+                NAMESPACE,
+                f"--field-selector=involvedObject.name={NAME}",
+                "-o=json",
+            )
+        )["items"]
+    ]
+    assert "ScaledUp" in reasons, reasons
+    assert "ScaledDown" in reasons, reasons
+
+
+@pytest.mark.parametrize(
+    ("name", "change", "said"),
+    [
+        (
+            "bad-arg",
+            {"engine": {"name": "vllm", "extraArgs": {"no_such_vllm_argument": "1"}}},
+            "takes no engine argument named no_such_vllm_argument",
+        ),
+        (
+            "no-weights",
+            {"weights": {"source": "path", "uri": "/nonexistent/tiny"}},
+            "/nonexistent/tiny holds no checkpoint",
+        ),
+        ("too-long", {"maxContextLength": 8192}, "8192 tokens is longer than the checkpoint"),
+    ],
+)
+def test_what_vllm_refuses_is_said_in_conditions_and_events(
+    served: Served, kubectl: Kubectl, model_dir: Path, name: str, change: dict[str, Any], said: str
+) -> None:
+    document = manifest(model_dir)
+    document["metadata"]["name"] = name
+    del document["spec"]["autoscaling"]
+    for key, value in change.items():
+        target = document["spec"] if key == "engine" else document["spec"]["model"]
+        target[key] = value
+    kubectl.apply(document, NAMESPACE)
+    try:
+        message = wait_for(
+            lambda: next(
+                (
+                    c["message"]
+                    for c in (kubectl.get("l4d", name, NAMESPACE) or {})
+                    .get("status", {})
+                    .get("conditions", [])
+                    if c["type"] == "Ready" and said in c.get("message", "")
+                ),
+                None,
+            ),
+            300,
+            f"{name}: a Ready condition saying {said!r}",
+        )
+        assert "DEPLOY_FAILED" in message, message
+        events = kubectl.run(
+            "get", "events", "-n", NAMESPACE, f"--field-selector=involvedObject.name={name}"
+        )
+        assert said in events, events
+        # The deployment that serves is not disturbed by its broken neighbour.
+        assert condition(kubectl, "Ready").get("status") == "True"
+    finally:
+        kubectl.run("delete", "l4d", name, "-n", NAMESPACE, "--wait=true", check=False)
