@@ -9,11 +9,9 @@ serves Prometheus metrics on `ServingConfig.metrics_port`.
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures at run time.
 import asyncio
-import hmac
 import json
 import logging
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -28,6 +26,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
 
 from llama4_serving import metrics_targets
+from llama4_serving.api_key import api_key_refusal
 from llama4_serving.config import (
     LLM_SERVER_DEPLOYMENT,
     REPLICA_NUM_CPUS,
@@ -332,24 +331,7 @@ class OpenAIIngress:
         key_file = self.config.api_key_file
         if key_file is None:
             return None
-        try:
-            expected = Path(key_file).read_text().strip()
-        except OSError as error:
-            return JSONResponse(
-                error_body(f"the API key file cannot be read: {error}", "server_error", code=503),
-                status_code=503,
-            )
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
-            return JSONResponse(
-                error_body(
-                    "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                    "authentication_error",
-                    code=401,
-                ),
-                status_code=401,
-            )
-        return None
+        return api_key_refusal(key_file, request.headers.get("authorization", ""))
 
     def _unknown_model(self, model: str) -> JSONResponse | None:
         if model == self.config.served_model_name:

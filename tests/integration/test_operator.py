@@ -313,6 +313,20 @@ def test_sample_gets_children_and_pods_on_the_planned_gpu_nodes(
     # KubeRay makes the pods; the scheduler binds each worker to the node the placement chose.
     wait_pods_on(api, namespace, name, workers)
     assert len(api.ray("rayclusters", namespace)) == 1
+    # Ray's token authentication, on by default: KubeRay made the token Secret and gave every
+    # Ray container the mode and the token from it.
+    (cluster,) = api.ray("rayclusters", namespace)
+    assert cluster["spec"]["authOptions"] == {"mode": "token"}
+    secret = api.core.read_namespaced_secret(cluster["metadata"]["name"], namespace)
+    assert secret.data["auth_token"]
+    pods = api.pods(namespace, f"{DEPLOYMENT_LABEL}={name}")
+    assert pods
+    for pod in pods:
+        for container in pod["spec"]["containers"]:
+            env = {e["name"]: e for e in container.get("env", [])}
+            assert env["RAY_AUTH_MODE"]["value"] == "token", container["name"]
+            source = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+            assert source["name"] == cluster["metadata"]["name"], container["name"]
 
     table = kubectl.run("get", "l4d", name, "-n", namespace).splitlines()
     assert table[0].split() == [

@@ -8,6 +8,8 @@ throughout.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import subprocess
 import sys
@@ -22,6 +24,7 @@ import httpx
 import openai
 import pytest
 import yaml
+from PIL import Image
 from prometheus_server import PrometheusApi, prometheus
 from ray_serve import RayServe, ray_serve_cluster
 
@@ -400,6 +403,71 @@ def test_scales_on_vllm_tokens_and_keeps_the_first_replica(
     ]
     assert "ScaledUp" in reasons, reasons
     assert "ScaledDown" in reasons, reasons
+
+
+@pytest.fixture(scope="module")
+def vision_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny-vision") / "model"
+    subprocess.run(
+        [sys.executable, "-m", "llama4_serving.tiny", "--multimodal", str(directory)],
+        check=True,
+        timeout=300,
+    )
+    return directory
+
+
+def png_data_url(width: int, height: int) -> str:
+    image = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(image, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(image.getvalue()).decode()
+
+
+def test_image_parts_are_served(served: Served, kubectl: Kubectl, vision_model_dir: Path) -> None:
+    name = "vision"
+    document = manifest(vision_model_dir)
+    document["metadata"]["name"] = name
+    del document["spec"]["autoscaling"]
+    document["spec"]["engine"]["extraArgs"] = {"limit_mm_per_prompt": '{"image": 1}'}
+    kubectl.apply(document, NAMESPACE)
+    try:
+        wait_for(
+            lambda: any(
+                c["type"] == "Ready" and c["status"] == "True"
+                for c in (kubectl.get("l4d", name, NAMESPACE) or {})
+                .get("status", {})
+                .get("conditions", [])
+            ),
+            900,
+            f"{name} Ready",
+        )
+        base = served.base_url.replace(f"/{NAME}/v1", f"/{name}/v1")
+        client = openai.OpenAI(base_url=base, api_key="unused", timeout=120)
+        question = {"type": "text", "text": "What is in the picture?"}
+        text_only = client.chat.completions.create(
+            model=name, max_tokens=4, messages=[{"role": "user", "content": [question]}]
+        )
+        # 100 x 60 pixels: tiles of 56 pixels plus a global view, 4 patch tokens each after
+        # the pixel shuffle, between image-start/end and tile-separator tokens.
+        with_image = client.chat.completions.create(
+            model=name,
+            max_tokens=4,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        question,
+                        {"type": "image_url", "image_url": {"url": png_data_url(100, 60)}},
+                    ],
+                }
+            ],
+        )
+        assert text_only.usage is not None
+        assert with_image.usage is not None
+        assert with_image.usage.completion_tokens > 0
+        # The image went through the processor into the prompt as image tokens.
+        assert with_image.usage.prompt_tokens > text_only.usage.prompt_tokens + 16
+    finally:
+        kubectl.run("delete", "l4d", name, "-n", NAMESPACE, "--wait=true", check=False)
 
 
 @pytest.mark.parametrize(

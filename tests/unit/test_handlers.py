@@ -435,6 +435,51 @@ def test_external_ray_mode_puts_nothing_when_the_app_is_already_declared() -> No
     assert methods.count("PUT") == 2
 
 
+def test_a_failed_serve_application_is_its_own_condition_and_warning() -> None:
+    failure = (
+        "Deploying application llm-tiny failed with exception:\nTraceback (most recent call "
+        'last):\n  File "app.py", line 9, in build_app\n    raise ValueError(...)\n'
+        "ValueError: engine.extraArgs: vLLM 0.32.0 takes no engine argument named nope\n"
+    )
+    # Each reconcile reads the details twice (for the deploy, then for health).
+    statuses = iter(["DEPLOYING", "DEPLOYING", "DEPLOY_FAILED", "DEPLOY_FAILED"])
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.method == "PUT":
+            return httpx.Response(200, json={})
+        status = next(statuses)
+        message = failure if status == "DEPLOY_FAILED" else ""
+        app = {"status": status, "message": message}
+        return httpx.Response(200, json={"applications": {"llm-tiny": app}})
+
+    dashboard = RayDashboard("http://ray.example:8265", transport=httpx.MockTransport(handle))
+    config = OperatorConfig(
+        image="img", ray_version="2.60.0", external_ray_dashboard="http://ray.example:8265"
+    )
+    kube = FakeKube(h100_hosts(1))
+    reconciler = Reconciler(kube, config, dashboard, clock=lambda: START)
+    run(reconciler, body("tiny-reference"))
+    assert conditions(kube.statuses[-1])["Ready"]["reason"] == "ServeApplicationNotHealthy"
+    run(reconciler, body("tiny-reference", status=kube.statuses[-1]))
+    found = conditions(kube.statuses[-1])
+    expected = (
+        "Serve application status DEPLOY_FAILED: Deploying application llm-tiny failed with "
+        "exception: ValueError: engine.extraArgs: vLLM 0.32.0 takes no engine argument named "
+        "nope (traceback in Ray's Serve logs)"
+    )
+    assert found["Ready"] | {"lastTransitionTime": None, "observedGeneration": None} == {
+        "type": "Ready",
+        "status": "False",
+        "reason": "ServeApplicationFailed",
+        "message": expected,
+        "lastTransitionTime": None,
+        "observedGeneration": None,
+    }
+    assert found["Progressing"]["status"] == "False"
+    assert found["Degraded"]["status"] == "True"
+    assert ("Warning", "ServeApplicationFailed", f"Ready: {expected}") in kube.events
+
+
 def test_external_ray_mode_sends_the_token_of_its_file_and_reads_it_on_each_call(
     tmp_path: Path,
 ) -> None:

@@ -432,3 +432,15 @@ def test_a_plan_that_no_longer_fits_the_layout_is_replaced(maverick_state: Any) 
         assert state.experts is not None
         assert state.experts.placement.phy2log == old.phy2log  # the uniform-load plan again
         assert state.experts.placement.version == 5
+
+
+def test_ray_services_turn_rays_token_authentication_on_by_default() -> None:
+    def auth(**changes: Any) -> Any:
+        state = desired_state(
+            OWNER, sample("maverick", **changes), h100_nodes(1), SETTINGS, Previous()
+        )
+        (ray_service,) = by_kind(state.children)["RayService"]
+        return ray_service["spec"]["rayClusterConfig"]["authOptions"]
+
+    assert auth() == {"mode": "token"}
+    assert auth(serving={"rayAuthentication": "disabled"}) == {"mode": "disabled"}

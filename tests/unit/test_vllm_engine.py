@@ -214,3 +214,24 @@ def test_vllm_refuses_random_weights_and_external_plans(tmp_path: Path) -> None:
     )
     with pytest.raises(VLLMConfigError, match="vLLM takes no external expert placement"):
         llm_config(planned)
+
+
+def test_the_vllm_ingress_asks_v1_callers_for_the_api_key(tmp_path: Path) -> None:
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from llama4_serving.engines.vllm.app import api_key_check
+
+    key_file = tmp_path / "key"
+    key_file.write_text("sesame\n")
+    app = FastAPI()
+    app.middleware("http")(api_key_check(str(key_file)))
+    app.get("/v1/models")(lambda: {"data": []})
+    app.get("/health")(lambda: {"status": "ok"})
+    client = TestClient(app)
+    assert client.get("/v1/models").status_code == 401
+    assert client.get("/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert client.get("/v1/models", headers={"Authorization": "Bearer sesame"}).status_code == 200
+    assert client.get("/health").status_code == 200  # probes need no key
+    key_file.write_text("rotated")
+    assert client.get("/v1/models", headers={"Authorization": "Bearer sesame"}).status_code == 401

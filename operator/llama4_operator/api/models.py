@@ -577,6 +577,15 @@ class ServingSpec(ApiModel):
     batching: BatchingSpec = Field(
         default_factory=BatchingSpec, description="Continuous-batching limits."
     )
+    ray_authentication: Literal["token", "disabled"] = Field(
+        default="token",
+        description=(
+            "Ray's token authentication on the RayService's Ray cluster: KubeRay generates a "
+            "token Secret and sets RAY_AUTH_MODE and RAY_AUTH_TOKEN on every Ray container, so "
+            "the dashboard (with its job-submission API) and the GCS refuse callers without "
+            "it. disabled: no authentication (for Ray images older than 2.52)."
+        ),
+    )
 
 
 class MonitoringSpec(ApiModel):

@@ -30,7 +30,9 @@ KUBERNETES_VERSION = "v1.36.3"
 ETCD_VERSION = "v3.6.16"
 KWOK_VERSION = "v0.8.0"
 HELM_VERSION = "v3.22.0"
-KUBERAY_VERSION = "v1.5.0"
+# 1.5.1 and later render Ray's token authentication (spec.rayClusterConfig.authOptions); 1.6.1 is
+# the newest the Go module proxy serves (it lists v1.7.0 but refuses its zip).
+KUBERAY_VERSION = "v1.6.1"
 
 # Go module holding the KubeRay CRDs and operator, and KWOK's stage definitions.
 KUBERAY_MODULE = "github.com/ray-project/kuberay/ray-operator"

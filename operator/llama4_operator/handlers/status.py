@@ -29,6 +29,7 @@ from llama4_serving.config import is_engine_deployment
 
 RUNNING = "RUNNING"
 DEPLOYING = "DEPLOYING"
+DEPLOY_FAILED = "DEPLOY_FAILED"  # the application could not be built or its replicas started
 REPLICA_RUNNING = "RUNNING"
 # Serve deployment states in which the replicas already started go on serving.
 SERVING_DEPLOYMENT_STATES = frozenset({"HEALTHY", "UPSCALING", "DOWNSCALING"})
@@ -104,7 +105,25 @@ class ServeHealth:
         changing = {n: s for n, s in self.deployments.items() if s != "HEALTHY"}
         if changing:
             text += " (" + ", ".join(f"{n} {s}" for n, s in sorted(changing.items())) + ")"
-        return f"{text}: {self.message}" if self.message else text
+        message = _without_traceback(self.message)
+        return f"{text}: {message}" if message else text
+
+
+TRACEBACK = "Traceback (most recent call last):"
+
+
+def _without_traceback(message: str) -> str:
+    """Serve's message with a Python traceback cut down to the exception it ends with (what a
+    user can act on; the whole traceback stays in Ray's Serve logs)."""
+    head, found, trace = message.partition(TRACEBACK)
+    if not found:
+        return message
+    # The exception is the last line that does not belong to a frame (frames are indented).
+    exception = next(
+        (line for line in reversed(trace.splitlines()) if line and not line[0].isspace()),
+        trace.strip(),
+    )
+    return f"{head.strip()} {exception} (traceback in Ray's Serve logs)".strip()
 
 
 def ray_service_health(ray_service: Mapping[str, Any] | None, app_name: str) -> ServeHealth:
@@ -256,6 +275,13 @@ def deployment_conditions(state: DesiredState, health: ServeHealth | None) -> li
             "Ready", "True", "ServingWhileDeploying", f"serving requests; {health.detail}"
         )
         progressing = ConditionUpdate("Progressing", "True", "Deploying", health.detail)
+    elif health is not None and health.status == DEPLOY_FAILED:
+        # Serve gave up (a build error, an engine that refused its arguments): say why, once, as
+        # a transition of its own, and stop claiming progress.
+        reason = "ServeApplicationFailed"
+        ready = ConditionUpdate("Ready", "False", reason, health.detail)
+        progressing = ConditionUpdate("Progressing", "False", reason, health.detail)
+        degraded = ConditionUpdate("Degraded", "True", reason, health.detail)
     else:
         detail = health.detail if health else "Serve application status UNKNOWN"
         ready = ConditionUpdate("Ready", "False", "ServeApplicationNotHealthy", detail)

@@ -277,6 +277,8 @@ def render_ray_service(
             "rayClusterConfig": {
                 "rayVersion": settings.ray_version,
                 "enableInTreeAutoscaling": False,
+                # KubeRay (1.5.1+) generates the token Secret and sets it on every container.
+                "authOptions": {"mode": spec.serving.ray_authentication},
                 "headGroupSpec": {
                     "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},
                     "template": head,

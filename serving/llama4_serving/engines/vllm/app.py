@@ -11,7 +11,6 @@ metrics) is Ray's and vLLM's.
 # No `from __future__ import annotations`: FastAPI reads the route signatures at run time.
 import asyncio
 import dataclasses
-import hmac
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -33,6 +32,7 @@ from vllm import __version__ as vllm_version
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.entrypoints.launchers.cli_args import FrontendArgs
 
+from llama4_serving.api_key import api_key_refusal
 from llama4_serving.config import ServingConfig
 from llama4_serving.engines.vllm.llm_config import llm_config
 from llama4_serving.openai_protocol import error_body
@@ -58,31 +58,15 @@ class Llama4Ingress(OpenAiIngress):
 def api_key_check(
     key_file: str,
 ) -> Callable[[Request, Callable[[Request], Awaitable[Response]]], Awaitable[Response]]:
-    """A middleware that asks `/v1/*` callers for `Authorization: Bearer <key>`; the file is
-    read on each request, so a rotated Secret takes effect without a restart."""
+    """A middleware that asks `/v1/*` callers for `Authorization: Bearer <key>`."""
 
     async def check(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
-        if request.url.path.split("/", 2)[1:2] != ["v1"]:
-            return await call_next(request)
-        try:
-            expected = Path(key_file).read_text().strip()
-        except OSError as error:
-            return JSONResponse(
-                error_body(f"the API key file cannot be read: {error}", "server_error", code=503),
-                status_code=503,
-            )
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
-            return JSONResponse(
-                error_body(
-                    "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                    "authentication_error",
-                    code=401,
-                ),
-                status_code=401,
-            )
+        if request.url.path.split("/", 2)[1:2] == ["v1"]:
+            refusal = api_key_refusal(key_file, request.headers.get("authorization", ""))
+            if refusal is not None:
+                return refusal
         return await call_next(request)
 
     return check

@@ -20,15 +20,9 @@ from llama4_serving.config import (
 
 GPU = "GPU"
 DEFAULT_CPU_KV_CACHE_GIB = 1  # vLLM's own default (4 GiB) is more than a tiny CPU model needs
-# fp8 and int4 are weight formats vLLM reads from the checkpoint (compressed-tensors, fbgemm
-# fp8 as Meta ships them); bf16 is the dtype of the unquantised weights.
-QUANTIZATION_ARGS: dict[str, dict[str, EngineArgValue]] = {
-    "bf16": {"dtype": "bfloat16"},
-    "fp8": {"dtype": "bfloat16"},
-    "int4": {"dtype": "bfloat16"},
-}
-
-
+# Activations and unquantised weights; fp8 and int4 weights are formats vLLM reads from the
+# checkpoint's own quantization config (or `quantization: fp8` quantises bf16 weights online).
+DTYPE = "bfloat16"
 TOOL_CALLING: dict[str, EngineArgValue] = {
     "enable_auto_tool_choice": True,
     "tool_call_parser": "llama4_pythonic",
@@ -58,13 +52,13 @@ def model_source(config: ServingConfig) -> str:
 
 
 def engine_kwargs(config: ServingConfig) -> dict[str, EngineArgValue]:
-    """vLLM's engine arguments: the batching limits, the quantisation's dtype, then the rendered
+    """vLLM's engine arguments: the batching limits, the dtype, tool calling, then the rendered
     and user-given `engine_args` (less the project's own keys)."""
     kwargs: dict[str, EngineArgValue] = {
         "max_model_len": config.batching.max_model_len,
         "max_num_seqs": config.batching.max_num_seqs,
         "max_num_batched_tokens": config.batching.max_num_batched_tokens,
-        **QUANTIZATION_ARGS[config.quantization],
+        "dtype": DTYPE,
     }
     if config.weights.tokenizer_path:
         kwargs["tokenizer"] = config.weights.tokenizer_path
