@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Llama 4's chat layout, used when the tokenizer files carry no chat template of their own.
 DEFAULT_CHAT_TEMPLATE = (
@@ -59,6 +59,25 @@ class ChatMessage(_Request):
         return "".join(p.text for p in self.content if isinstance(p, TextPart))
 
 
+# OpenAI request fields the reference engine does not implement, with the values that ask for
+# nothing. Anything else is refused with a 400 naming the field, never silently ignored.
+NOT_SERVED: dict[str, tuple[object, ...]] = {
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "suffix": (None, ""),
+}
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -73,6 +92,18 @@ class _GenerationRequest(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1, description="One choice per request.")
+
+    @model_validator(mode="after")
+    def _only_what_is_served(self) -> Self:
+        extra = self.model_extra or {}
+        asked = sorted(k for k, v in extra.items() if k in NOT_SERVED and v not in NOT_SERVED[k])
+        if asked:
+            raise ValueError(
+                f"{', '.join(asked)}: not served by the reference engine; leave "
+                f"{'it' if len(asked) == 1 else 'them'} out, or deploy with engine.name: vllm, "
+                "which serves them"
+            )
+        return self
 
     @field_validator("stop")
     @classmethod

@@ -91,6 +91,28 @@ def test_completion_requests_name_the_bad_field(request_body: dict[str, Any], fi
         CompletionRequest.model_validate(request_body)
 
 
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"logprobs": True}, "logprobs"),
+        ({"logprobs": True, "top_logprobs": 2}, "logprobs, top_logprobs"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+    ],
+)
+def test_the_reference_engine_refuses_what_it_does_not_serve(
+    fields: dict[str, Any], named: str
+) -> None:
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    with pytest.raises(ValidationError, match=f"{named}: not served by the reference engine"):
+        ChatCompletionRequest.model_validate({**chat, **fields})
+    # Their "ask for nothing" values, and fields it has no use for, still pass.
+    ChatCompletionRequest.model_validate(
+        {**chat, "logprobs": False, "tools": [], "response_format": {"type": "text"}, "user": "u"}
+    )
+
+
 def test_chat_schema_accepts_image_parts() -> None:
     request = ChatCompletionRequest.model_validate(
         {

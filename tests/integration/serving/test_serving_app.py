@@ -160,6 +160,26 @@ def test_image_parts_are_accepted_by_the_schema_and_refused_by_the_engine(
 
 
 @pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"logprobs": True, "top_logprobs": 2}, "logprobs, top_logprobs"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+            "tools",
+        ),
+    ],
+)
+def test_what_the_reference_engine_does_not_serve_is_a_400_naming_it(
+    client: openai.OpenAI, fields: dict[str, Any], named: str
+) -> None:
+    with pytest.raises(openai.BadRequestError, match=f"{named}: not served by the reference"):
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, **fields
+        )
+
+
+@pytest.mark.parametrize(
     ("headers", "body", "status", "message"),
     [
         ({}, b'{"model": "tiny-llama4", "prompt": "x"}', 401, "API key"),
