@@ -48,20 +48,38 @@ def wait_for(condition: Callable[[], Any], timeout_s: float = 60, what: str = ""
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
+# kubectl's words when it never reached the API server (a 2-core machine running two vLLM
+# engines under load can starve the server's TLS handshake): the call is made again.
+UNREACHED = ("Unable to connect to the server", "connection refused")
+KUBECTL_ATTEMPTS = 5
+
+
 @dataclass
 class Kubectl:
     kubeconfig: Path
     binary: Path = field(default_factory=lambda: devtools.tool("kubernetes").binary("kubectl"))
 
+    def _kubectl(
+        self, args: list[str], input: str | None, timeout_s: float
+    ) -> subprocess.CompletedProcess[str]:
+        """One kubectl call, made again (a few times, a second apart) when it never reached the
+        API server; an answer from the server, error or not, is returned as it is."""
+        command = [str(self.binary), f"--kubeconfig={self.kubeconfig}", *args]
+
+        def call() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                command, input=input, capture_output=True, text=True, timeout=timeout_s, check=False
+            )
+
+        for _ in range(KUBECTL_ATTEMPTS - 1):
+            result = call()
+            if result.returncode == 0 or not any(w in result.stderr for w in UNREACHED):
+                return result
+            time.sleep(1)
+        return call()
+
     def run(self, *args: str, input: str | None = None, check: bool = True) -> str:
-        result = subprocess.run(
-            [str(self.binary), f"--kubeconfig={self.kubeconfig}", *args],
-            input=input,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        result = self._kubectl(list(args), input, 120)
         if check and result.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr}")
         return result.stdout if check else result.stdout + result.stderr
@@ -71,23 +89,7 @@ class Kubectl:
         return self.run("apply", "-n", namespace, "-f", "-", input=text, check=check)
 
     def get(self, kind: str, name: str, namespace: str) -> dict[str, Any] | None:
-        result = subprocess.run(
-            [
-                str(self.binary),
-                f"--kubeconfig={self.kubeconfig}",
-                "get",
-                kind,
-                name,
-                "-n",
-                namespace,
-                "-o",
-                "yaml",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        result = self._kubectl(["get", kind, name, "-n", namespace, "-o", "yaml"], None, 60)
         if result.returncode != 0:
             if "NotFound" in result.stderr:
                 return None

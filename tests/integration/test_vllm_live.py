@@ -313,7 +313,7 @@ def test_requests_it_cannot_serve_get_a_400_naming_the_field(
 class Load:
     """Concurrent chat requests until stopped; counts what was answered."""
 
-    def __init__(self, served: Served, clients: int = 4) -> None:
+    def __init__(self, served: Served, clients: int = 2) -> None:
         self.served = served
         self.stop_event = threading.Event()
         self.answered = 0
