@@ -87,7 +87,9 @@ def manifest(model_dir: Path) -> dict[str, Any]:
         "maxReplicas": 2,
         # Far below what the tiny model serves, so a few concurrent clients overload a replica.
         "targetTokensPerSecond": 10,
-        "scaleDownDelaySeconds": 20,
+        # Long enough to see both replicas ready once the load (which starves the 2 cores
+        # while two engines run) has stopped.
+        "scaleDownDelaySeconds": 90,
         "coldStartSeconds": 60,
     }
     return document
@@ -370,14 +372,14 @@ def test_scales_on_vllm_tokens_and_keeps_the_first_replica(
             f"{GENERATED_TOKENS_RATE} for {NAME} from vLLM's series",
         )
         assert rate
-        wait_for(
-            lambda: (
-                condition(kubectl, "Ready").get("status") == "True"
-                and status(kubectl).get("readyReplicas") == 2
-            ),
-            120,
-            "readyReplicas 2",
-        )
+    wait_for(
+        lambda: (
+            condition(kubectl, "Ready").get("status") == "True"
+            and status(kubectl).get("readyReplicas") == 2
+        ),
+        80,
+        "readyReplicas 2",
+    )
     assert load.answered > 0
     assert not load.failed, load.failed[:5]
 
