@@ -22,21 +22,26 @@ $(VENV)/.installed: pyproject.toml $(CPU_OVERRIDES)
 	@echo "==> python environment ($(VENV)): the project with its dev extras and vLLM's CPU build"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip uv
-	$(BIN)/uv pip install --python $(BIN)/python --override $(CPU_OVERRIDES) -e '.[dev]'
+	$(BIN)/uv pip install --python $(BIN)/python --compile-bytecode --override $(CPU_OVERRIDES) -e '.[dev]'
 	@touch $@
 
 venv: $(VENV)/.installed ## create .venv with the project and its dev tools
 
-tools: venv system-deps ## build (or reuse) etcd, Kubernetes, KWOK, Helm and KubeRay in the cache
+tools: venv system-deps ## build (or reuse) etcd, Kubernetes (and its kubelet), KWOK, Helm, KubeRay and containerd in the cache
 	$(LLAMA4CTL) dev tools
 
-# Prometheus and promtool come from Debian's packages (the tests run promtool and Prometheus).
-system-deps: ## install Prometheus/promtool from the distribution when missing (needs root or sudo)
-	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
-		echo "==> installing prometheus (promtool) from the distribution's packages"; \
+# From Debian's packages: Prometheus and promtool (the tests run both), and what real kubelet
+# nodes need beside the Go-built kubelet and containerd: runc, the CNI plugins, nftables/iptables
+# (kube-proxy, portmap), busybox (the test image), nsenter and ip.
+SYSTEM_PACKAGES := prometheus runc containernetworking-plugins nftables iptables busybox-static util-linux iproute2 gcc libc6-dev
+system-deps: ## install the Debian packages above when missing (needs root or sudo)
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "==> installing from the distribution's packages:" $$missing; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus; }
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
 
 fmt: venv ## format the code
 	$(BIN)/ruff format .

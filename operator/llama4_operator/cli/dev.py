@@ -41,8 +41,11 @@ def _pools(pool_specs: Sequence[str], nodes: int, gpus_per_node: int, gpu: str) 
     return [NodePool(count=nodes, gpus_per_node=gpus_per_node, gpu=gpu)]
 
 
-def _cluster(name: str, pools: Sequence[NodePool] = (), kuberay: bool = True) -> LocalCluster:
-    return LocalCluster(ClusterConfig(name=name, pools=tuple(pools), kuberay=kuberay), console)
+def _cluster(
+    name: str, pools: Sequence[NodePool] = (), kuberay: bool = True, real_nodes: int = 0
+) -> LocalCluster:
+    config = ClusterConfig(name=name, pools=tuple(pools), kuberay=kuberay, real_nodes=real_nodes)
+    return LocalCluster(config, console)
 
 
 @click.group()
@@ -53,7 +56,8 @@ def dev() -> None:
 @dev.command("tools")
 @click.argument("names", nargs=-1, type=click.Choice([t.name for t in devtools.TOOLS]))
 def tools_command(names: tuple[str, ...]) -> None:
-    """Build (or reuse) the pinned tools: etcd, Kubernetes (with kubectl), KWOK, Helm, KubeRay.
+    """Build (or reuse) the pinned tools: etcd, Kubernetes (kubectl, kubelet, kube-proxy), KWOK,
+    Helm, KubeRay, containerd.
 
     With NAMES, only those. Builds go to ~/.cache/llama4-operator (or $LLAMA4_CACHE_DIR),
     keyed by version; a verified build is reused.
@@ -68,7 +72,7 @@ def tools_command(names: tuple[str, ...]) -> None:
 
 @dev.group()
 def cluster() -> None:
-    """A real control plane on 127.0.0.1 with simulated GPU nodes (KWOK)."""
+    """A real control plane with simulated GPU nodes (KWOK) and, optionally, real kubelet nodes."""
 
 
 @cluster.command("up")
@@ -84,11 +88,25 @@ def cluster() -> None:
     help="A node pool (repeatable); replaces --nodes/--gpus-per-node/--gpu. E.g. h100:16x8.",
 )
 @click.option("--kuberay/--no-kuberay", default=True, show_default=True, help="Run KubeRay.")
+@click.option(
+    "--real-nodes",
+    type=click.IntRange(0, 8),
+    default=0,
+    show_default=True,
+    help="Real kubelet nodes (containerd, runc, CNI, kube-proxy), each in its own network "
+    "namespace, advertising 8 GPUs; pods scheduled there run. Needs `make system-deps`.",
+)
 def cluster_up(
-    name: str, nodes: int, gpus_per_node: int, gpu: str, pool_specs: tuple[str, ...], kuberay: bool
+    name: str,
+    nodes: int,
+    gpus_per_node: int,
+    gpu: str,
+    pool_specs: tuple[str, ...],
+    kuberay: bool,
+    real_nodes: int,
 ) -> None:
-    """Start the control plane and create the simulated GPU nodes; leaves it running."""
-    local = _cluster(name, _pools(pool_specs, nodes, gpus_per_node, gpu), kuberay)
+    """Start the control plane and create the GPU nodes; leaves it running."""
+    local = _cluster(name, _pools(pool_specs, nodes, gpus_per_node, gpu), kuberay, real_nodes)
     try:
         local.up()
     except (ClusterError, devtools.ToolBootstrapError) as error:
@@ -235,12 +253,23 @@ def demo_command(
 
 def _print_nodes(local: LocalCluster) -> None:
     table = Table(
-        "node", "ready", "gpus", "product", "pool", "nvlink domain", "zone", title="GPU nodes"
+        "node",
+        "kind",
+        "ready",
+        "gpus",
+        "product",
+        "pool",
+        "nvlink domain",
+        "zone",
+        title="GPU nodes",
     )
-    for node in local.nodes():
+    nodes = [(node, "real") for node in local.nodes(real=True)]
+    nodes += [(node, "simulated") for node in local.nodes()]
+    for node, kind in nodes:
         labels = node["labels"]
         table.add_row(
             node["name"],
+            kind,
             "Ready" if node["ready"] else "[red]NotReady",
             str(node["gpus"]),
             labels.get(GPU_PRODUCT_LABEL, ""),

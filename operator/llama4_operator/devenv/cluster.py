@@ -28,7 +28,7 @@ import httpx
 import yaml
 from rich.console import Console
 
-from llama4_operator.devenv import paths, pki
+from llama4_operator.devenv import images, paths, pki, real_nodes
 from llama4_operator.devenv import tools as devtools
 from llama4_operator.devenv.nodes import GPU_RESOURCE, SIMULATED_NODE_LABEL, NodePool
 
@@ -49,6 +49,9 @@ class ClusterConfig:
     name: str = "dev"
     pools: tuple[NodePool, ...] = (NodePool(),)
     kuberay: bool = True
+    # Real kubelet nodes (containerd, runc, CNI, kube-proxy) beside the simulated ones.
+    real_nodes: int = 0
+    real_node_gpus: int = 8
     state_dir: Path | None = None
     start_timeout_s: float = 120.0
 
@@ -157,6 +160,7 @@ class LocalCluster:
         self.directory = self.config.directory
         self.kubeconfig = self.directory / "kubeconfig"
         self._state_file = self.directory / "processes.json"
+        self._ca: pki.CertificateAuthority | None = None
 
     # -- state ------------------------------------------------------------------------------
 
@@ -185,8 +189,14 @@ class LocalCluster:
         return ports
 
     @property
+    def api_address(self) -> str:
+        """Where the API server listens: loopback, or the node bridge when real nodes run."""
+        address: str = self._read_state().get("api_address", LOOPBACK)
+        return address
+
+    @property
     def server(self) -> str:
-        return f"https://{LOOPBACK}:{self.ports['apiserver']}"
+        return f"https://{self.api_address}:{self.ports['apiserver']}"
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -204,18 +214,34 @@ class LocalCluster:
                 "run `llama4ctl dev cluster down` first"
             )
         started = time.monotonic()
+        real = self.config.real_nodes > 0
+        if real and (missing := real_nodes.missing_host_packages()):
+            raise ClusterError(
+                f"real nodes need these Debian packages: {', '.join(missing)}; "
+                "run `make system-deps` (apt-get install) first"
+            )
         tools = devtools.ensure_tools(
-            ["etcd", "kubernetes", "kwok", *(["kuberay"] if self.config.kuberay else [])],
+            [
+                "etcd",
+                "kubernetes",
+                "kwok",
+                *(["kuberay"] if self.config.kuberay else []),
+                *(["kubelet", "containerd"] if real else []),
+            ],
             console=self.console,
         )
         shutil.rmtree(self.directory, ignore_errors=True)
         (self.directory / "logs").mkdir(parents=True)
         state: dict[str, Any] = {"processes": {}, "ports": {}}
         try:
+            if real:
+                self._create_node_network(state)
             self._start_control_plane(tools, state)
             if self.config.kuberay:
                 self._start_kuberay(tools["kuberay"], state)
             self._create_nodes()
+            if real:
+                self._start_real_nodes(tools, state)
         except BaseException:
             self.console.log("[red]start-up failed; stopping what was started")
             self.down(keep_logs=True)
@@ -229,7 +255,8 @@ class LocalCluster:
         ports = state["ports"]
         for name in ("etcd", "etcd_peer", "apiserver", "controller_manager", "scheduler", "kwok"):
             ports[name] = free_port()
-        credentials = self._issue_credentials(f"https://{LOOPBACK}:{ports['apiserver']}")
+        api_address = state.get("api_address", LOOPBACK)
+        credentials = self._issue_credentials(f"https://{api_address}:{ports['apiserver']}")
         self._write_state(state)
         kube = tools["kubernetes"]
         for component, ready in (
@@ -245,10 +272,20 @@ class LocalCluster:
         """The CA, the API server's serving cert, the service-account key pair, and one client
         certificate and kubeconfig per user (the admin's is `kubeconfig`)."""
         ca = pki.CertificateAuthority(self.directory / "pki")
+        self._ca = ca
+        api_address = self._read_state().get("api_address", LOOPBACK)
         serving = ca.issue(
             "apiserver",
             "kube-apiserver",
-            hosts=(LOOPBACK, "localhost", "10.96.0.1", "kubernetes", "kubernetes.default.svc"),
+            hosts=(
+                *dict.fromkeys((LOOPBACK, api_address)),
+                "localhost",
+                "10.96.0.1",
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local",
+            ),
         )
         kubeconfigs = {}
         for user, common_name, groups in (
@@ -256,6 +293,8 @@ class LocalCluster:
             ("controller-manager", "system:kube-controller-manager", ()),
             ("scheduler", "system:kube-scheduler", ()),
             ("kwok", "llama4-kwok", ("system:masters",)),
+            # The API server's identity towards kubelets (logs, exec, port-forward).
+            ("apiserver-kubelet-client", "kube-apiserver-kubelet-client", ("system:masters",)),
         ):
             pair = ca.issue(user, common_name, groups=groups)
             target = self.directory / ("kubeconfig" if user == "admin" else f"{user}.kubeconfig")
@@ -284,14 +323,26 @@ class LocalCluster:
     def _apiserver(
         self, kube: devtools.Tool, ports: dict[str, int], credentials: Credentials
     ) -> tuple[Component, Ready]:
+        address = self._read_state().get("api_address", LOOPBACK)
+        if address == LOOPBACK:
+            # A loopback advertise address is refused unless endpoints are not reconciled.
+            placement = [f"--advertise-address={LOOPBACK}", "--endpoint-reconciler-type=none"]
+        else:
+            # Pods on real nodes reach the `kubernetes` Service, whose endpoint is this address.
+            kubelet_client = self.directory / "pki" / "apiserver-kubelet-client"
+            placement = [
+                f"--advertise-address={address}",
+                f"--kubelet-client-certificate={kubelet_client}.crt",
+                f"--kubelet-client-key={kubelet_client}.key",
+                f"--kubelet-certificate-authority={credentials.ca}",
+                "--kubelet-preferred-address-types=InternalIP",
+            ]
         command = [
             str(kube.binary("kube-apiserver")),
             f"--etcd-servers=http://{LOOPBACK}:{ports['etcd']}",
-            f"--bind-address={LOOPBACK}",
+            f"--bind-address={address}",
             f"--secure-port={ports['apiserver']}",
-            # A loopback advertise address is refused unless endpoints are not reconciled.
-            f"--advertise-address={LOOPBACK}",
-            "--endpoint-reconciler-type=none",
+            *placement,
             f"--cert-dir={self.directory / 'pki'}",
             f"--tls-cert-file={credentials.serving.cert}",
             f"--tls-private-key-file={credentials.serving.key}",
@@ -356,6 +407,179 @@ class LocalCluster:
             f"--server-address={address}",
         ]
         return Component("kwok", command), lambda: _http_ok(f"http://{address}/healthz")
+
+    # -- real nodes ---------------------------------------------------------------------------
+
+    def _create_node_network(self, state: dict[str, Any]) -> None:
+        network = real_nodes.node_network(self.directory, real_nodes.host_subnets())
+        state["node_network"] = {
+            "bridge": network.bridge,
+            "subnet": network.subnet,
+            "gateway": network.gateway,
+            "cluster_id": network.cluster_id,
+        }
+        state["real_nodes"] = []
+        self._write_state(state)  # recorded first, so a failure below is still cleaned up
+        real_nodes.create_bridge(network)
+        state["api_address"] = network.gateway
+        self._write_state(state)
+        self.console.log(f"[green]✓[/] node network {network.subnet} on bridge {network.bridge}")
+
+    def _start_real_nodes(self, tools: dict[str, devtools.Tool], state: dict[str, Any]) -> None:
+        network = real_nodes.NodeNetwork(**state["node_network"])
+        archives = [images.cached_archive(images.pause_image())]
+        archives.append(images.cached_archive(images.shell_image()))
+        started: list[real_nodes.RealNode] = []
+        for index in range(self.config.real_nodes):
+            node = network.node(index, gpus=self.config.real_node_gpus)
+            state["real_nodes"].append(real_nodes.node_record(node))
+            self._write_state(state)
+            real_nodes.create_node_namespace(network, node, started)
+            real_nodes.create_cgroup_parent(node)
+            self._start_real_node(tools, state, node, archives)
+            started.append(node)
+        self.wait_for_real_nodes(len(started))
+
+    def _start_real_node(
+        self,
+        tools: dict[str, devtools.Tool],
+        state: dict[str, Any],
+        node: real_nodes.RealNode,
+        archives: Sequence[Path],
+    ) -> None:
+        assert self._ca is not None
+        for directory in (node.directory / "cni", node.directory / "certs", node.sockets):
+            directory.mkdir(parents=True, exist_ok=True)
+        server = f"https://{self.api_address}:{self.ports['apiserver']}"
+        kubeconfigs = {}
+        for user, common_name, groups in (
+            ("kubelet", f"system:node:{node.name}", ("system:nodes",)),
+            ("kube-proxy", "system:kube-proxy", ()),
+        ):
+            pair = self._ca.issue(f"{node.name}-{user}", common_name, groups=groups)
+            path = node.directory / f"{user}.kubeconfig"
+            path.write_text(yaml.safe_dump(_kubeconfig(server, self._ca.cert_path, user, pair)))
+            kubeconfigs[user] = path
+        serving = self._ca.issue(
+            f"{node.name}-serving", f"system:node:{node.name}", hosts=(node.address, node.name)
+        )
+        containerd_bin = tools["containerd"].bin_dir
+        config = node.directory / "containerd.toml"
+        config.write_text(
+            real_nodes.containerd_config(
+                node, sandbox_image=images.PAUSE_IMAGE, cni_conf_dir=node.directory / "cni"
+            )
+        )
+        (node.directory / "cni" / "10-llama4.conflist").write_text(
+            json.dumps(real_nodes.cni_config(node), indent=2)
+        )
+        kubelet_config = node.directory / "kubelet.yaml"
+        kubelet_config.write_text(
+            yaml.safe_dump(
+                real_nodes.kubelet_config(
+                    node, ca=self._ca.cert_path, serving_cert=serving.cert, serving_key=serving.key
+                )
+            )
+        )
+        proxy_config = node.directory / "kube-proxy.yaml"
+        proxy_config.write_text(
+            yaml.safe_dump(real_nodes.kube_proxy_config(node, kubeconfigs["kube-proxy"]))
+        )
+        search_path = f"{containerd_bin}:/usr/sbin:/usr/bin:/sbin:/bin"
+        ctr = [str(containerd_bin / "ctr"), f"--address={node.containerd_socket}"]
+        self._start(
+            state,
+            Component(
+                f"{node.name}-containerd",
+                node.enter([str(containerd_bin / "containerd"), f"--config={config}"]),
+                env={"PATH": search_path},
+            ),
+            ready=lambda: (
+                subprocess.run([*ctr, "version"], capture_output=True, check=False).returncode == 0
+            ),
+        )
+        for archive in archives:
+            result = subprocess.run(
+                [*ctr, "--namespace=k8s.io", "images", "import", str(archive)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if result.returncode != 0:
+                raise ClusterError(f"loading {archive.name} into {node.name}: {result.stderr}")
+        labels = ",".join(f"{key}={value}" for key, value in node.labels().items())
+        self._start(
+            state,
+            Component(
+                f"{node.name}-kubelet",
+                node.enter(
+                    [
+                        str(tools["kubelet"].binary("kubelet")),
+                        f"--config={kubelet_config}",
+                        f"--kubeconfig={kubeconfigs['kubelet']}",
+                        f"--hostname-override={node.name}",
+                        f"--node-ip={node.address}",
+                        f"--root-dir={node.directory / 'kubelet'}",
+                        f"--cert-dir={node.directory / 'certs'}",
+                        f"--node-labels={labels}",
+                    ]
+                ),
+                env={"PATH": search_path},
+            ),
+            ready=lambda: _http_ok(
+                f"http://{node.address}:{real_nodes.KUBELET_HEALTHZ_PORT}/healthz"
+            ),
+        )
+        self._advertise_gpus(node)
+        self._start(
+            state,
+            Component(
+                f"{node.name}-kube-proxy",
+                node.enter(
+                    [str(tools["kubelet"].binary("kube-proxy")), f"--config={proxy_config}"]
+                ),
+                env={"PATH": search_path},
+            ),
+            ready=lambda: _http_ok(
+                f"http://{node.address}:{real_nodes.KUBE_PROXY_HEALTHZ_PORT}/livez"
+            ),
+        )
+
+    def _advertise_gpus(self, node: real_nodes.RealNode) -> None:
+        """Set the node's `nvidia.com/gpu` capacity once the kubelet has registered it (the
+        kubelet keeps an extended resource it does not manage itself)."""
+        deadline = time.monotonic() + self.config.start_timeout_s
+        with self._admin_http() as client:
+            while True:
+                response = client.patch(
+                    f"/api/v1/nodes/{node.name}/status",
+                    json=real_nodes.gpu_status_patch(node),
+                    headers={"Content-Type": "application/strategic-merge-patch+json"},
+                )
+                if response.status_code == 200:
+                    return
+                if response.status_code != 404 or time.monotonic() > deadline:
+                    raise ClusterError(
+                        f"could not advertise GPUs on {node.name}: {response.status_code} "
+                        f"{response.text[:300]}"
+                    )
+                time.sleep(0.5)
+
+    def wait_for_real_nodes(self, expected: int) -> None:
+        deadline = time.monotonic() + self.config.start_timeout_s
+        with self.console.status(f"waiting for {expected} real nodes to be Ready ...") as status:
+            while True:
+                ready = [n for n in self.nodes(real=True) if n["ready"] and n["gpus"] > 0]
+                status.update(f"waiting for real nodes to be Ready: {len(ready)}/{expected}")
+                if len(ready) >= expected:
+                    break
+                if time.monotonic() > deadline:
+                    raise ClusterError(
+                        f"only {len(ready)} of {expected} real nodes became Ready with GPUs; "
+                        f"see the kubelet logs in {self.directory / 'logs'}"
+                    )
+                time.sleep(0.5)
+        self.console.log(f"[green]✓[/] {expected} real node(s) Ready (kubelet, containerd)")
 
     def _start_kuberay(self, kuberay: devtools.Tool, state: dict[str, Any]) -> None:
         from kubernetes import utils  # noqa: PLC0415  (the client is only needed once up)
@@ -511,12 +735,11 @@ class LocalCluster:
         conditions = (response.json().get("status") or {}).get("conditions") or []
         return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
 
-    def nodes(self) -> list[dict[str, Any]]:
-        """Simulated nodes with readiness and allocatable GPUs (for status and tests)."""
+    def nodes(self, *, real: bool = False) -> list[dict[str, Any]]:
+        """Simulated (or, with `real`, real) nodes with readiness and allocatable GPUs."""
+        label = real_nodes.REAL_NODE_LABEL if real else SIMULATED_NODE_LABEL
         with self._admin_http() as client:
-            response = client.get(
-                "/api/v1/nodes", params={"labelSelector": f"{SIMULATED_NODE_LABEL}=true"}
-            )
+            response = client.get("/api/v1/nodes", params={"labelSelector": f"{label}=true"})
             response.raise_for_status()
         result = []
         for item in response.json()["items"]:
@@ -547,6 +770,11 @@ class LocalCluster:
             self.console.log(f"stopped {', '.join(ours)}")
         if strays:
             self.console.log(f"stopped {len(strays)} more processes of the cluster: {strays}")
+        if "node_network" in state:
+            left = real_nodes.teardown(state["node_network"], state.get("real_nodes", []))
+            if left:
+                raise ClusterError(f"real nodes left these behind: {'; '.join(left)}")
+            self.console.log("removed the real nodes' containers, mounts, namespaces and bridge")
         for owned in state.get("directories", []):
             shutil.rmtree(owned, ignore_errors=True)
         leftover = [port for port in state["ports"].values() if port_is_bound(port)]

@@ -33,6 +33,10 @@ HELM_VERSION = "v3.22.0"
 # 1.5.1 and later render Ray's token authentication (spec.rayClusterConfig.authOptions); 1.6.1 is
 # the newest the Go module proxy serves (it lists v1.7.0 but refuses its zip).
 KUBERAY_VERSION = "v1.6.1"
+# containerd 2.x answers the kubelet's RuntimeConfig call (Debian's 1.6 does not, and the kubelet's
+# fallback for that goes away in 1.37); Debian's runc and CNI plugins run under it.
+CONTAINERD_VERSION = "v2.4.2"
+CONTAINERD_MODULE = "github.com/containerd/containerd/v2"
 
 # Go module holding the KubeRay CRDs and operator, and KWOK's stage definitions.
 KUBERAY_MODULE = "github.com/ray-project/kuberay/ray-operator"
@@ -158,12 +162,12 @@ def _version_ldflags(packages: Sequence[str], values: dict[str, str]) -> str:
     return " ".join(f"-X {pkg}.{key}={value}" for pkg in packages for key, value in values.items())
 
 
-def _go_install(module_path: str, ldflags: str = "") -> Callable[[Tool, GoBuilder], None]:
+def _go_install(*packages: str, ldflags: str = "") -> Callable[[Tool, GoBuilder], None]:
     def build(tool: Tool, go: GoBuilder) -> None:
         go.env["GOBIN"] = str(tool.bin_dir)
         args = ["install", "-v", "-trimpath", f"-ldflags=-s -w {ldflags}".strip()]
         go.go(
-            [*args, f"{module_path}@{tool.version}"],
+            [*args, *(f"{package}@{tool.version}" for package in packages)],
             cwd=paths.cache_root(),
             log=tool.build_log,
             step=f"{tool.name} {tool.version}: go install",
@@ -291,7 +295,9 @@ TOOLS: tuple[Tool, ...] = (
         ("helm",),
         _go_install(
             "helm.sh/helm/v3/cmd/helm",
-            _version_ldflags(["helm.sh/helm/v3/internal/version"], {"version": HELM_VERSION}),
+            ldflags=_version_ldflags(
+                ["helm.sh/helm/v3/internal/version"], {"version": HELM_VERSION}
+            ),
         ),
         version_args={"helm": ("version", "--short")},
     ),
@@ -302,6 +308,23 @@ TOOLS: tuple[Tool, ...] = (
         _go_install(KUBERAY_MODULE),
         _kuberay_crds,
         version_args={"ray-operator": ()},  # no version flag: its Go build info says
+    ),
+    # Real nodes: the kubelet and kube-proxy from the control plane's own release, and a runtime.
+    Tool("kubelet", KUBERNETES_VERSION, ("kubelet", "kube-proxy"), _build_kubernetes),
+    Tool(
+        "containerd",
+        CONTAINERD_VERSION,
+        ("containerd", "ctr", "containerd-shim-runc-v2"),
+        _go_install(
+            *(
+                f"{CONTAINERD_MODULE}/cmd/{name}"
+                for name in ("containerd", "ctr", "containerd-shim-runc-v2")
+            ),
+            ldflags=_version_ldflags(
+                [f"{CONTAINERD_MODULE}/version"], {"Version": CONTAINERD_VERSION}
+            ),
+        ),
+        version_args={"ctr": ("--version",), "containerd-shim-runc-v2": ("-v",)},
     ),
 )
 
