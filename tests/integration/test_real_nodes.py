@@ -1,6 +1,7 @@
 """Real kubelet nodes in the local cluster: pods scheduled there run under containerd and runc,
 with logs, exec, a pod network and ClusterIP Services (kube-proxy), the node counts as a GPU node,
-and `down` leaves nothing on the host."""
+and `down` leaves nothing on the host. The operator, installed by Helm from the image built here,
+runs there as pods: restricted, live, and the standby takes over when the active one is killed."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from llama4_operator.devenv import images, real_nodes
+from llama4_operator.devenv import tools as devtools
 from llama4_operator.devenv.cluster import ClusterConfig, LocalCluster
 from llama4_operator.devenv.nodes import GPU_PRODUCT_LABEL, NodePool
-from support import Kubectl, wait_for
+from support import REPO, Kubectl, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -28,7 +31,7 @@ def real_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClus
         ClusterConfig(
             name="real",
             pools=(NodePool(count=2),),
-            kuberay=False,
+            kuberay=True,  # the operator's RayServices need KubeRay's CRDs
             real_nodes=1,
             state_dir=tmp_path_factory.mktemp("real-cluster"),
         )
@@ -142,6 +145,12 @@ def test_pod_runs_with_logs_exec_and_a_cluster_ip_service(
     assert httpx.get(f"http://{pod_ip}:8080/index.html", timeout=5).text.strip() == (
         "hello-from-a-real-pod"
     )
+    # Cluster DNS (CoreDNS behind the `kube-dns` Service) names Services.
+    looked_up = kubectl.run(
+        "exec", "-n", namespace, "client", "--",
+        "nslookup", f"web.{namespace}.svc.cluster.local",
+    )  # fmt: skip
+    assert cluster_ip in looked_up, looked_up
     # Pods reach the API server through the `kubernetes` Service.
     assert "open" in kubectl.run(
         "exec",
@@ -228,3 +237,93 @@ def _running(pid: int) -> bool:
     except OSError:
         return False
     return status != "Z"
+
+
+OPERATOR_NS = "llama4-system"
+MODELS_NS = "models"
+RELEASE = "l4"
+OPERATOR_LABEL = f"app.kubernetes.io/instance={RELEASE}"
+
+
+def helm(cluster: LocalCluster, *args: str) -> str:
+    result = subprocess.run(
+        [str(devtools.tool("helm").binary()), f"--kubeconfig={cluster.kubeconfig}", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, f"helm {' '.join(args)} failed: {result.stderr}"
+    return result.stdout + result.stderr
+
+
+def operator_pods(kubectl: Kubectl) -> list[dict[str, Any]]:
+    listed = kubectl.run("get", "pods", "-n", OPERATOR_NS, "-l", OPERATOR_LABEL, "-o", "json")
+    pods: list[dict[str, Any]] = json.loads(listed)["items"]
+    return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+
+
+def ready(pod: dict[str, Any]) -> bool:
+    conditions = pod.get("status", {}).get("conditions") or []
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+def test_helm_installed_operator_runs_on_the_real_node_and_its_standby_takes_over(
+    real_cluster: LocalCluster, kubectl: Kubectl
+) -> None:
+    image = images.operator_image()
+    real_cluster.load_image(image.archive)
+    repository, tag = image.name.rsplit(":", 1)
+    kubectl.run("create", "namespace", OPERATOR_NS)
+    kubectl.run("label", "namespace", OPERATOR_NS, "pod-security.kubernetes.io/enforce=restricted")
+    kubectl.run("create", "namespace", MODELS_NS)
+    installed = helm(
+        real_cluster,
+        "install", RELEASE, str(REPO / "helm" / "llama4-operator"), "-n", OPERATOR_NS,
+        f"--set=image.repository={repository}",
+        f"--set=image.tag={tag}",
+        "--set=image.pullPolicy=Never",
+        f"--set-json=nodeSelector={json.dumps({real_nodes.REAL_NODE_LABEL: 'true'})}",
+        "--set=operator.resyncIntervalSeconds=5",
+    )  # fmt: skip
+    assert "violate PodSecurity" not in installed, installed
+    # Two replicas, restricted, both Ready on the real node (the kubelet runs their probes).
+    wait_for(
+        lambda: len([p for p in operator_pods(kubectl) if ready(p)]) == 2,
+        180,
+        "both operator pods Ready",
+    )
+    pods = operator_pods(kubectl)
+    assert {p["spec"]["nodeName"] for p in pods} == {"real-node-0"}
+    [container] = pods[0]["spec"]["containers"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert all(p["status"]["containerStatuses"][0]["restartCount"] == 0 for p in pods)
+    # `helm test`: a pod without a service-account token scrapes the operator's metrics Service.
+    assert "Phase:          Succeeded" in helm(
+        real_cluster, "test", RELEASE, "-n", OPERATOR_NS, "--timeout=120s"
+    )
+
+    sample: dict[str, Any] = yaml.safe_load((REPO / "manifests/samples/scout.yaml").read_text())
+    kubectl.apply(sample, MODELS_NS)
+    name = sample["metadata"]["name"]
+    label = f"serving.llama4.dev/deployment={name}"
+
+    def ray_services() -> list[str]:
+        listed = kubectl.run(
+            "get", "rayservices.ray.io", "-n", MODELS_NS, "-l", label, "-o", "name"
+        )
+        return listed.split()
+
+    [ray_service] = wait_for(ray_services, 120, "the RayService the operator pod renders")
+
+    # Kill the acting operator (the highest peering priority), then drift: the standby repairs it.
+    peers = json.loads(
+        kubectl.run("get", "clusterkopfpeering", "llama4-operator", "-o", "jsonpath={.status}")
+    )
+    active = max(peers, key=lambda peer: peers[peer]["priority"])
+    assert active in {p["metadata"]["name"] for p in pods}
+    kubectl.run("delete", "pod", active, "-n", OPERATOR_NS, "--grace-period=0", "--force")
+    kubectl.run("delete", ray_service, "-n", MODELS_NS, "--wait=true")
+    assert wait_for(ray_services, 180, "the deleted RayService to be recreated by the standby")
+    standby = next(p["metadata"]["name"] for p in pods if p["metadata"]["name"] != active)
+    assert "Resuming operations" in kubectl.run("logs", "-n", OPERATOR_NS, standby)

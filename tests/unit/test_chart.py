@@ -222,3 +222,41 @@ def test_plain_bundle_has_the_crds_a_restricted_namespace_and_no_test_pod() -> N
     assert re.search(
         r"^kind: Deployment$", (REPO / "manifests/install/llama4-operator.yaml").read_text(), re.M
     )
+
+
+def test_liveness_probe_reads_kopfs_endpoint_on_its_port() -> None:
+    [deployment] = by_kind(render(), "Deployment")
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    assert "--liveness-port=8081" in container["args"]
+    assert {"name": "liveness", "containerPort": 8081, "protocol": "TCP"} in container["ports"]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "liveness"}
+    [container] = by_kind(render("--set=liveness.port=0"), "Deployment")[0]["spec"]["template"][
+        "spec"
+    ]["containers"]
+    assert "livenessProbe" not in container
+
+
+def test_replicas_get_a_disruption_budget_and_a_spread_only_when_there_are_several() -> None:
+    docs = render()
+    [budget] = by_kind(docs, "PodDisruptionBudget")
+    assert budget["spec"]["minAvailable"] == 1
+    pod_spec = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]
+    spread = pod_spec["topologySpreadConstraints"]
+    assert [c["topologyKey"] for c in spread] == [
+        "kubernetes.io/hostname",
+        "topology.kubernetes.io/zone",
+    ]
+    assert all(c["whenUnsatisfiable"] == "ScheduleAnyway" for c in spread)
+    assert budget["spec"]["selector"] == spread[0]["labelSelector"]
+    single = render("--set=replicaCount=1")
+    assert not by_kind(single, "PodDisruptionBudget")
+    assert (
+        "topologySpreadConstraints"
+        not in by_kind(single, "Deployment")[0]["spec"]["template"]["spec"]
+    )
+
+
+def test_the_test_pod_has_no_token_and_requests_cpu() -> None:
+    [pod] = by_kind(render(), "Pod")
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    assert pod["spec"]["containers"][0]["resources"]["requests"]["cpu"]

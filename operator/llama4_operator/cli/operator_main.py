@@ -112,6 +112,16 @@ from llama4_operator.handlers import config as operator_config
     envvar=operator_config.ENV_AUTOSCALE_INTERVAL,
     help="Seconds between autoscaling decisions of each deployment with autoscaling enabled.",
 )
+@click.option(
+    "--liveness-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    help=(
+        "Serve Kopf's liveness endpoint on this port at /healthz: it answers only while the "
+        "operator's event loop runs its probes (0: off)."
+    ),
+)
 @click.option("--verbose", "-v", is_flag=True, help="Log every reconciliation step (debug).")
 @click.option(
     "--peering",
@@ -143,6 +153,7 @@ def operator_command(
     rebalance_tick: float,
     prometheus_url: str | None,
     autoscale_interval: float,
+    liveness_port: int,
 ) -> None:
     """Run the Llama4Deployment operator against a cluster until interrupted."""
     if namespaces and all_namespaces:
@@ -189,4 +200,5 @@ def operator_command(
         peering_name=peering,
         priority=secrets.randbelow(2**31) if peering_priority is None else peering_priority,
         registry=kopf.get_default_registry(),
+        liveness_endpoint=f"http://0.0.0.0:{liveness_port}/healthz" if liveness_port else None,
     )

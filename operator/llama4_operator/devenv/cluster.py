@@ -226,7 +226,7 @@ class LocalCluster:
                 "kubernetes",
                 "kwok",
                 *(["kuberay"] if self.config.kuberay else []),
-                *(["kubelet", "containerd"] if real else []),
+                *(["kubelet", "containerd", "coredns"] if real else []),
             ],
             console=self.console,
         )
@@ -425,7 +425,29 @@ class LocalCluster:
         self._write_state(state)
         self.console.log(f"[green]✓[/] node network {network.subnet} on bridge {network.bridge}")
 
+    def _start_cluster_dns(self, coredns: devtools.Tool, state: dict[str, Any]) -> None:
+        from kubernetes import utils  # noqa: PLC0415
+
+        address = self.api_address
+        port, ready_port = free_port(), free_port()
+        state["ports"].update({"coredns": port, "coredns_ready": ready_port})
+        config = self.directory / "Corefile"
+        config.write_text(
+            real_nodes.corefile(
+                address=address, port=port, ready_port=ready_port, kubeconfig=self.kubeconfig
+            )
+        )
+        self._start(
+            state,
+            Component("coredns", [str(coredns.binary()), "-conf", str(config)]),
+            ready=lambda: _http_ok(f"http://{address}:{ready_port}/ready"),
+        )
+        utils.create_from_yaml(
+            self.api_client(), yaml_objects=real_nodes.dns_service_manifests(address, port)
+        )
+
     def _start_real_nodes(self, tools: dict[str, devtools.Tool], state: dict[str, Any]) -> None:
+        self._start_cluster_dns(tools["coredns"], state)
         network = real_nodes.NodeNetwork(**state["node_network"])
         archives = [images.cached_archive(images.pause_image())]
         archives.append(images.cached_archive(images.shell_image()))
@@ -499,14 +521,7 @@ class LocalCluster:
             ),
         )
         for archive in archives:
-            result = subprocess.run(
-                [*ctr, "--namespace=k8s.io", "images", "import", str(archive)],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if result.returncode != 0:
-                raise ClusterError(f"loading {archive.name} into {node.name}: {result.stderr}")
+            self._import_image(node, archive)
         labels = ",".join(f"{key}={value}" for key, value in node.labels().items())
         self._start(
             state,
@@ -544,6 +559,33 @@ class LocalCluster:
                 f"http://{node.address}:{real_nodes.KUBE_PROXY_HEALTHZ_PORT}/livez"
             ),
         )
+
+    def load_image(self, archive: Path) -> None:
+        """Import an image archive into every real node's containerd (where the kubelet finds
+        it: pods use `imagePullPolicy: Never` or `IfNotPresent`, nothing is pulled)."""
+        for record in self._read_state().get("real_nodes", []):
+            node = real_nodes.node_from_record(record)
+            with self.console.status(f"loading {archive.name} into {node.name} ..."):
+                self._import_image(node, archive)
+
+    @staticmethod
+    def _import_image(node: real_nodes.RealNode, archive: Path) -> None:
+        ctr = devtools.tool("containerd").binary("ctr")
+        result = subprocess.run(
+            [
+                str(ctr),
+                f"--address={node.containerd_socket}",
+                "--namespace=k8s.io",
+                "images",
+                "import",
+                str(archive),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise ClusterError(f"loading {archive.name} into {node.name}: {result.stderr}")
 
     def _advertise_gpus(self, node: real_nodes.RealNode) -> None:
         """Set the node's `nvidia.com/gpu` capacity once the kubelet has registered it (the

@@ -9,16 +9,18 @@ and a shell image from Debian's static busybox for tests and debugging. Each arc
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import json
 import shutil
 import subprocess
+import sys
 import tarfile
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from llama4_operator.devenv import paths
 from llama4_operator.devenv import tools as devtools
@@ -37,6 +39,7 @@ BUSYBOX_APPLETS = (
     "ls",
     "mkdir",
     "nc",
+    "nslookup",
     "sleep",
     "wget",
 )
@@ -66,10 +69,11 @@ class ImageSpec:
     directories: tuple[str, ...] = ()
 
 
-def _layer(files: Sequence[LayerFile], extra_directories: Sequence[str] = ()) -> bytes:
+def _write_layer(
+    target: Path, files: Sequence[LayerFile], extra_directories: Sequence[str]
+) -> None:
     """A reproducible tar layer: fixed mtimes and owners, sorted entries, parent dirs first."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    with tarfile.open(target, mode="w", format=tarfile.PAX_FORMAT) as tar:
         directories = sorted(
             {str(parent) for f in files for parent in Path(f.path).parents if str(parent) != "/"}
             | set(extra_directories)
@@ -87,80 +91,105 @@ def _layer(files: Sequence[LayerFile], extra_directories: Sequence[str] = ()) ->
                 tar.addfile(info)
                 continue
             assert entry.source is not None
-            data = entry.source.read_bytes()
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+            info.size = entry.source.stat().st_size
+            with entry.source.open("rb") as data:
+                tar.addfile(info, data)
 
 
-def _blob(blobs: dict[str, bytes], data: bytes) -> tuple[str, int]:
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    blobs[digest] = data
-    return digest, len(data)
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
 
 
-def oci_archive(spec: ImageSpec) -> bytes:
-    """The image as an OCI image-layout tarball that `ctr images import` names `spec.name`."""
-    blobs: dict[str, bytes] = {}
-    layer = _layer(spec.files, spec.directories)
-    compressed = gzip.compress(layer, mtime=0)
-    layer_digest, layer_size = _blob(blobs, compressed)
-    config = {
+@dataclass(frozen=True)
+class ImageConfig:
+    entrypoint: tuple[str, ...] = ()
+    cmd: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    user: str = ""
+    working_dir: str = ""
+
+
+def write_oci_archive(target: Path, name: str, layers: Sequence[Path], config: ImageConfig) -> None:
+    """An OCI image-layout tarball that `ctr images import` names `name`. Layers are
+    uncompressed tar files (the archive never leaves the machine, so gzip would only cost
+    time); they are streamed, not read into memory."""
+    layer_digests = [_sha256_file(layer) for layer in layers]
+    image_config = {
         "architecture": "amd64",
         "os": "linux",
         "config": {
-            "Entrypoint": list(spec.entrypoint) or None,
-            "Cmd": list(spec.cmd) or None,
-            "Env": [f"{key}={value}" for key, value in spec.env.items()],
+            key: value
+            for key, value in {
+                "Entrypoint": list(config.entrypoint),
+                "Cmd": list(config.cmd),
+                "Env": [f"{key}={value}" for key, value in config.env.items()],
+                "User": config.user,
+                "WorkingDir": config.working_dir,
+            }.items()
+            if value
         },
-        "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(layer).hexdigest()]},
+        "rootfs": {"type": "layers", "diff_ids": layer_digests},
     }
-    config_digest, config_size = _blob(blobs, json.dumps(config, sort_keys=True).encode())
+    small: dict[str, bytes] = {}
+
+    def blob(data: bytes) -> dict[str, Any]:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        small[digest] = data
+        return {"digest": digest, "size": len(data)}
+
+    config_ref = blob(json.dumps(image_config, sort_keys=True).encode())
     manifest = {
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": config_digest,
-            "size": config_size,
-        },
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **config_ref},
         "layers": [
             {
-                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                "digest": layer_digest,
-                "size": layer_size,
+                "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                "digest": digest,
+                "size": layer.stat().st_size,
             }
+            for layer, digest in zip(layers, layer_digests, strict=True)
         ],
     }
-    manifest_digest, manifest_size = _blob(blobs, json.dumps(manifest, sort_keys=True).encode())
+    manifest_ref = blob(json.dumps(manifest, sort_keys=True).encode())
     index = {
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.index.v1+json",
         "manifests": [
             {
                 "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "digest": manifest_digest,
-                "size": manifest_size,
+                **manifest_ref,
                 "platform": {"architecture": "amd64", "os": "linux"},
                 "annotations": {
-                    "io.containerd.image.name": spec.name,
-                    "org.opencontainers.image.ref.name": spec.name.rsplit(":", 1)[-1],
+                    "io.containerd.image.name": name,
+                    "org.opencontainers.image.ref.name": name.rsplit(":", 1)[-1],
                 },
             }
         ],
     }
-    members = {
-        "oci-layout": json.dumps({"imageLayoutVersion": "1.0.0"}).encode(),
-        "index.json": json.dumps(index, sort_keys=True).encode(),
-        **{f"blobs/sha256/{d.removeprefix('sha256:')}": data for d, data in blobs.items()},
-    }
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
+    partial = target.with_suffix(".partial")
+    with tarfile.open(partial, mode="w") as tar:
+        for member, data in {
+            "oci-layout": json.dumps({"imageLayoutVersion": "1.0.0"}).encode(),
+            "index.json": json.dumps(index, sort_keys=True).encode(),
+        }.items():
+            info = tarfile.TarInfo(member)
             info.size, info.mode = len(data), 0o644
             tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+        for digest, data in small.items():
+            info = tarfile.TarInfo(f"blobs/sha256/{digest.removeprefix('sha256:')}")
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+        for layer, digest in zip(layers, layer_digests, strict=True):
+            info = tarfile.TarInfo(f"blobs/sha256/{digest.removeprefix('sha256:')}")
+            info.size, info.mode = layer.stat().st_size, 0o644
+            with layer.open("rb") as stream:
+                tar.addfile(info, stream)
+    partial.rename(target)
 
 
 def images_dir() -> Path:
@@ -179,9 +208,11 @@ def cached_archive(spec: ImageSpec) -> Path:
     target = images_dir() / f"{slug}-{key.hexdigest()[:16]}.tar"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(".partial")
-        partial.write_bytes(oci_archive(spec))
-        partial.rename(target)
+        layer = target.with_suffix(".layer")
+        _write_layer(layer, spec.files, spec.directories)
+        config = ImageConfig(spec.entrypoint, spec.cmd, spec.env)
+        write_oci_archive(target, spec.name, [layer], config)
+        layer.unlink()
     return target
 
 
@@ -236,3 +267,150 @@ def shell_image() -> ImageSpec:
         env={"PATH": "/bin"},
         directories=("/tmp",),
     )
+
+
+# -- images of the project -----------------------------------------------------------------------
+
+REPOSITORY = Path(__file__).resolve().parents[3]
+OPERATOR_IMAGE_REPOSITORY = "llama4.dev/llama4-operator"
+DEBIAN_SUITE = "bookworm"
+# The operator runs on the distribution's Python; its packages come from PyPI (as in
+# images/operator.Containerfile, which builds the same image with Docker or Podman).
+OPERATOR_BASE_PACKAGES = (
+    "python3-minimal",
+    "libpython3.11-stdlib",
+    "libstdc++6",  # numpy, scipy and llvmlite link it
+    "ca-certificates",
+)
+SITE_PACKAGES = "/opt/llama4/lib"
+# Sources whose content decides the operator image's tag.
+OPERATOR_SOURCES = ("pyproject.toml", "operator", "serving", "images/operator.Containerfile")
+
+
+@dataclass(frozen=True)
+class BuiltImage:
+    name: str
+    archive: Path
+
+
+def _content_key(parts: Sequence[str], roots: Sequence[Path]) -> str:
+    digest = hashlib.sha256("\0".join(parts).encode())
+    for root in roots:
+        files = sorted(root.rglob("*")) if root.is_dir() else [root]
+        for path in files:
+            if path.is_file() and "__pycache__" not in path.parts:
+                digest.update(str(path.relative_to(REPOSITORY)).encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def debian_base(packages: Sequence[str], progress: Callable[[str], None]) -> Path:
+    """A Debian root filesystem as one tar layer, made by mmdebstrap from Debian's packages
+    (no base image can be pulled here); cached by suite and package list."""
+    key = hashlib.sha256(f"{DEBIAN_SUITE}\0{' '.join(sorted(packages))}".encode()).hexdigest()
+    target = images_dir() / f"debian-{DEBIAN_SUITE}-{key[:12]}.tar"
+    if target.exists():
+        return target
+    if shutil.which("mmdebstrap") is None:
+        raise ImageBuildError("mmdebstrap is needed to make the base layer: `make system-deps`")
+    progress(f"Debian {DEBIAN_SUITE} root filesystem with {', '.join(packages)} (mmdebstrap)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial.tar")
+    command = [
+        "mmdebstrap",
+        "--variant=essential",
+        "--mode=root",
+        f"--include={','.join(packages)}",
+        *(
+            f"--dpkgopt=path-exclude=/usr/share/{path}/*"
+            for path in ("doc", "man", "locale", "info")
+        ),
+        DEBIAN_SUITE,
+        str(partial),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise ImageBuildError(f"mmdebstrap failed:\n{result.stderr[-3000:]}")
+    partial.rename(target)
+    return target
+
+
+def _directory_layer(root: Path, target: Path) -> None:
+    with tarfile.open(target, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(root.rglob("*")):
+            if "__pycache__" in path.parts:
+                continue
+            info = tar.gettarinfo(str(path), arcname=str(path.relative_to(root)))
+            info.uid = info.gid = 0
+            info.uname = info.gname = "root"
+            if info.isreg():
+                with path.open("rb") as data:
+                    tar.addfile(info, data)
+            else:
+                tar.addfile(info)
+
+
+def operator_image(progress: Callable[[str], None] = lambda _: None) -> BuiltImage:
+    """The operator image: Debian's Python and the operator package with its `operator` extra
+    from PyPI; no torch, Ray or vLLM. Tagged by the content of the sources it is built from."""
+    base = debian_base(OPERATOR_BASE_PACKAGES, progress)
+    tag = _content_key(
+        [base.name, *OPERATOR_BASE_PACKAGES],
+        [REPOSITORY / source for source in OPERATOR_SOURCES],
+    )
+    name = f"{OPERATOR_IMAGE_REPOSITORY}:{tag}"
+    target = images_dir() / f"llama4-operator-{tag}.tar"
+    if target.exists():
+        return BuiltImage(name, target)
+    uv = shutil.which("uv") or str(Path(sys.executable).parent / "uv")
+    with tempfile.TemporaryDirectory(prefix="llama4-image-", dir=images_dir()) as scratch:
+        work = Path(scratch)
+        progress("building the operator wheel")
+        _checked([uv, "build", "--wheel", "--out-dir", str(work / "dist"), str(REPOSITORY)])
+        [wheel] = (work / "dist").glob("*.whl")
+        progress("installing it with its `operator` extra from PyPI (Python 3.11, manylinux)")
+        root = work / "root"
+        _checked(
+            [
+                uv,
+                "pip",
+                "install",
+                "--quiet",
+                "--no-compile",
+                f"--target={root}{SITE_PACKAGES}",
+                "--python-platform=x86_64-manylinux_2_36",
+                "--python-version=3.11",
+                f"{wheel}[operator]",
+            ]
+        )
+        launcher = root / "usr/local/bin/llama4ctl"
+        launcher.parent.mkdir(parents=True)
+        launcher.write_text(
+            "#!/usr/bin/python3\nimport sys\n\nfrom llama4_operator.cli import main\n\n"
+            "sys.exit(main())\n"
+        )
+        launcher.chmod(0o755)
+        shutil.rmtree(root / SITE_PACKAGES.lstrip("/") / "bin", ignore_errors=True)
+        progress("writing the image archive")
+        layer = work / "app.tar"
+        _directory_layer(root, layer)
+        config = ImageConfig(
+            entrypoint=("/usr/local/bin/llama4ctl",),
+            env={
+                "PATH": "/usr/local/bin:/usr/bin:/bin",
+                "PYTHONPATH": SITE_PACKAGES,
+                "PYTHONDONTWRITEBYTECODE": "1",
+            },
+            user="65532:65532",
+        )
+        write_oci_archive(target, name, [base, layer], config)
+    for older in images_dir().glob("llama4-operator-*.tar"):
+        if older != target:
+            older.unlink()  # one operator image in the cache: the newest sources'
+    return BuiltImage(name, target)
+
+
+def _checked(command: Sequence[str]) -> None:
+    result = subprocess.run(list(command), capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise ImageBuildError(f"`{' '.join(command[:3])} ...` failed:\n{result.stderr[-3000:]}")

@@ -51,6 +51,7 @@ HOST_PACKAGES = {
     "iproute2": Path("/usr/sbin/ip"),
 }
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+CLUSTER_DNS_IP = "10.96.0.10"  # the conventional kube-dns address in the Service range
 KUBELET_PORT = 10250
 KUBELET_HEALTHZ_PORT = 10248
 KUBE_PROXY_HEALTHZ_PORT = 10256
@@ -251,6 +252,7 @@ def kubelet_config(
         "serverTLSBootstrap": False,
         "rotateCertificates": False,
         "clusterDomain": "cluster.local",
+        "clusterDNS": [CLUSTER_DNS_IP],
         "podLogsDir": str(node.directory / "pod-logs"),
         "volumePluginDir": str(node.directory / "volume-plugins"),
         # The disk is shared with builds and caches: evict only when it is really full.
@@ -283,6 +285,61 @@ def kube_proxy_config(node: RealNode, kubeconfig: Path) -> dict[str, Any]:
         # The node's namespace cannot change the machine-wide conntrack table size.
         "conntrack": {"maxPerCore": 0, "min": 0},
     }
+
+
+def corefile(*, address: str, port: int, ready_port: int, kubeconfig: Path) -> str:
+    """CoreDNS answering for Services and pods from the API server, on the bridge address (pods
+    reach it through the `kube-dns` Service). No upstream: nothing outside is reachable."""
+    return (
+        f".:{port} {{\n"
+        f"    bind {address}\n"
+        "    errors\n"
+        f"    ready {address}:{ready_port}\n"
+        "    kubernetes cluster.local in-addr.arpa ip6.arpa {\n"
+        f"        kubeconfig {kubeconfig}\n"
+        "        pods insecure\n"
+        "        fallthrough in-addr.arpa ip6.arpa\n"
+        "    }\n"
+        "    cache 30\n"
+        "}\n"
+    )
+
+
+def dns_service_manifests(address: str, port: int) -> list[dict[str, Any]]:
+    """The `kube-dns` Service at CLUSTER_DNS_IP, without a selector: its EndpointSlice points
+    at CoreDNS on the host's bridge address."""
+    ports = [("dns", "UDP"), ("dns-tcp", "TCP")]
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "kube-dns", "namespace": "kube-system"},
+            "spec": {
+                "clusterIP": CLUSTER_DNS_IP,
+                "ports": [
+                    {"name": name, "port": 53, "targetPort": port, "protocol": protocol}
+                    for name, protocol in ports
+                ],
+            },
+        },
+        {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": "kube-dns-local",
+                "namespace": "kube-system",
+                "labels": {
+                    "kubernetes.io/service-name": "kube-dns",
+                    "endpointslice.kubernetes.io/managed-by": "llama4ctl-dev",
+                },
+            },
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [address], "conditions": {"ready": True}}],
+            "ports": [
+                {"name": name, "port": port, "protocol": protocol} for name, protocol in ports
+            ],
+        },
+    ]
 
 
 def gpu_status_patch(node: RealNode) -> dict[str, Any]:

@@ -37,6 +37,8 @@ KUBERAY_VERSION = "v1.6.1"
 # fallback for that goes away in 1.37); Debian's runc and CNI plugins run under it.
 CONTAINERD_VERSION = "v2.4.2"
 CONTAINERD_MODULE = "github.com/containerd/containerd/v2"
+# Cluster DNS for the pods of real nodes (Service names: KubeRay's workers find their head so).
+COREDNS_VERSION = "v1.15.0"
 
 # Go module holding the KubeRay CRDs and operator, and KWOK's stage definitions.
 KUBERAY_MODULE = "github.com/ray-project/kuberay/ray-operator"
@@ -325,6 +327,13 @@ TOOLS: tuple[Tool, ...] = (
             ),
         ),
         version_args={"ctr": ("--version",), "containerd-shim-runc-v2": ("-v",)},
+    ),
+    Tool(
+        "coredns",
+        COREDNS_VERSION,
+        ("coredns",),
+        _go_install("github.com/coredns/coredns"),
+        version_args={"coredns": ("-version",)},
     ),
 )
 
