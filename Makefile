@@ -32,8 +32,9 @@ tools: venv system-deps ## build (or reuse) etcd, Kubernetes (and its kubelet), 
 
 # From Debian's packages: Prometheus and promtool (the tests run both), and what real kubelet
 # nodes need beside the Go-built kubelet and containerd: runc, the CNI plugins, nftables/iptables
-# (kube-proxy, portmap), busybox (the test image), nsenter and ip.
-SYSTEM_PACKAGES := prometheus runc containernetworking-plugins nftables iptables busybox-static util-linux iproute2 gcc libc6-dev
+# (kube-proxy, portmap), busybox (the test image), nsenter and ip; gcc (the pause image) and
+# mmdebstrap (the operator image's Debian root filesystem).
+SYSTEM_PACKAGES := prometheus runc containernetworking-plugins nftables iptables busybox-static util-linux iproute2 gcc libc6-dev mmdebstrap
 system-deps: ## install the Debian packages above when missing (needs root or sudo)
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
 	if [ -n "$$missing" ]; then \

@@ -1,7 +1,8 @@
 """The README's main job, `llama4ctl dev demo`, as a user runs it (detached, so the test can
 look around and then stop it the way the README says): the tiny model, served by the default
-engine (vLLM), answers OpenAI requests through the endpoint the demo printed, the operator
-reports it Ready and placed, the demo's load makes the autoscaler add a replica (read from
+engine (vLLM), answers OpenAI requests through the endpoint the demo printed, the operator (two
+Helm-installed pods from the image built here, on the cluster's real kubelet node) reports it
+Ready and placed, the demo's load makes the autoscaler add a replica (read from
 Prometheus, which scrapes the operator and Ray's metrics agents), and `cluster down` leaves no
 process behind, Ray's included. It runs where a user's shell holds a Ray token file, which makes
 Ray turn token authentication on by itself unless told otherwise."""
@@ -55,6 +56,11 @@ def _started_by(directory: Path) -> dict[int, str]:
         for pid, (command, cwd, environment) in _processes().items()
         if cwd == directory.resolve() or marker in environment.split(b"\0")
     }
+
+
+def _real_nodes(directory: Path) -> list[dict[str, Any]]:
+    state = json.loads((directory / "processes.json").read_text())
+    return list(state.get("real_nodes", []))
 
 
 @contextlib.contextmanager
@@ -145,7 +151,23 @@ def test_demo_serves_the_tiny_model_and_stops_cleanly(tmp_path: Path) -> None:
             "--field-selector", "involvedObject.name=tiny,reason=ScaledUp", "-o", "name",
         )  # fmt: skip
         assert events.stdout.strip(), "no ScaledUp event on the tiny deployment"
+        # The operator runs as pods on the real node, from the image the demo built and loaded.
+        pods = json.loads(
+            llama4ctl(
+                "dev", "kubectl", "--name", name, "get", "pods", "-n", "llama4-system",
+                "-l", "app.kubernetes.io/instance=llama4-operator", "-o", "json",
+            ).stdout
+        )["items"]  # fmt: skip
+        assert len(pods) == 2
+        assert {pod["spec"]["nodeName"] for pod in pods} == {"real-node-0"}
+        assert {pod["status"]["phase"] for pod in pods} == {"Running"}
+        assert pods[0]["spec"]["containers"][0]["image"].startswith("llama4.dev/llama4-operator:")
+        assert "Running on" in demo.stderr
+        real_node_state = [Path(record["directory"]) for record in _real_nodes(directory)]
+        assert real_node_state
+        assert all(path.exists() for path in real_node_state)
         nodes = {node["name"] for node in cluster.nodes()}
+        nodes |= {node["name"] for node in cluster.nodes(real=True)}
         placed = [w["node"] for r in status["placement"]["replicas"] for w in r["workers"]]
         assert placed
         assert set(placed) <= nodes
@@ -173,3 +195,4 @@ def test_demo_serves_the_tiny_model_and_stops_cleanly(tmp_path: Path) -> None:
     assert not still_running, still_running
     assert not directory.exists()
     assert not ray_temp_dir.exists()
+    assert not [path for path in real_node_state if path.exists()]

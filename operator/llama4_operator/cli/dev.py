@@ -192,19 +192,37 @@ def kubectl_command(name: str, args: tuple[str, ...]) -> None:
     help="The model-free demo instead: Scout and Maverick placed on 16 simulated 8-GPU nodes "
     "through KubeRay (no Ray cluster, no model, no Prometheus).",
 )
+@click.option(
+    "--real-nodes",
+    type=click.IntRange(0, 1),
+    default=1,
+    show_default=True,
+    help="Real kubelet nodes; the operator runs there as Helm-installed pods. 0: no real node, "
+    "the operator runs as a local process.",
+)
 def demo_command(
-    name: str, detach: bool, load_seconds: float, concurrency: int, placement_only: bool
+    name: str,
+    detach: bool,
+    load_seconds: float,
+    concurrency: int,
+    placement_only: bool,
+    real_nodes: int,
 ) -> None:
-    """The local demo: a real control plane with 4 simulated 8-GPU H100 nodes (KWOK) and
-    KubeRay, a real local Ray cluster with fake GPUs, Prometheus, and the operator in
-    external-Ray mode serving the tiny reference model: prints the OpenAI endpoint with curl and
+    """The local demo: a real control plane with 4 simulated 8-GPU H100 nodes (KWOK), a real
+    kubelet node and KubeRay; a real local Ray cluster with fake GPUs; Prometheus; and the
+    operator, built into an image here and installed by Helm onto the real node, in external-Ray
+    mode, serving a tiny Llama 4 on vLLM (CPU build): prints the OpenAI endpoint with curl and
     openai examples, asks it one question, drives load and shows placement and scaling as they
     happen.
 
     Runs in the foreground until Ctrl-C, then stops everything (or --detach; then
     `make demo-down`).
     """
-    local = _cluster(name, [NodePool()] if placement_only else [NodePool(count=4)])
+    local = _cluster(
+        name,
+        [NodePool()] if placement_only else [NodePool(count=4)],
+        real_nodes=0 if placement_only else real_nodes,
+    )
     if local.running_processes():
         raise click.ClickException(
             f"the demo's cluster {name!r} is already running; stop it first with "

@@ -560,6 +560,9 @@ class LocalCluster:
             ),
         )
 
+    def real_node_names(self) -> list[str]:
+        return [str(record["name"]) for record in self._read_state().get("real_nodes", [])]
+
     def load_image(self, archive: Path) -> None:
         """Import an image archive into every real node's containerd (where the kubelet finds
         it: pods use `imagePullPolicy: Never` or `IfNotPresent`, nothing is pulled)."""

@@ -1,7 +1,8 @@
-"""The local demo: a real control plane with simulated GPU nodes, a real local Ray cluster,
-Prometheus and the operator in external-Ray mode serving a tiny Llama 4 with the default engine,
-vLLM (its CPU build, through Ray Serve LLM), which answers OpenAI requests while the operator
-places and scales it.
+"""The local demo: a real control plane with simulated GPU nodes and a real kubelet node, a
+real local Ray cluster, Prometheus, and the operator (installed by Helm from the image built here,
+running as pods on the real node, in external-Ray mode) serving a tiny Llama 4 with the default
+engine, vLLM (its CPU build, through Ray Serve LLM), which answers OpenAI requests while the
+operator places and scales it. Without a real node the operator runs as a local process.
 
 Everything it starts is a component of the local cluster, so `llama4ctl dev cluster down` (or
 Ctrl-C in the foreground) stops all of it. `PlacementDemo` is the earlier, model-free demo: the
@@ -27,6 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from llama4_operator.devenv import images, real_nodes
 from llama4_operator.devenv import tools as devtools
 from llama4_operator.devenv.cluster import LOOPBACK, Component, LocalCluster, free_port
 from llama4_operator.devenv.local_prometheus import ScrapeTargets, start_prometheus
@@ -36,6 +38,10 @@ from llama4_operator.monitoring.rules import GENERATED_TOKENS_RATE, READY_REPLIC
 
 REPOSITORY = Path(__file__).resolve().parents[3]
 CRD = REPOSITORY / "manifests" / "crd" / "serving.llama4.dev_llama4deployments.yaml"
+CHART = REPOSITORY / "helm" / "llama4-operator"
+OPERATOR_NAMESPACE = "llama4-system"
+OPERATOR_RELEASE = "llama4-operator"
+OPERATOR_METRICS_PORT = 8080  # the chart's default
 TINY_SAMPLE = REPOSITORY / "manifests" / "samples" / "tiny-vllm.yaml"
 PLACEMENT_SAMPLES = ("scout.yaml", "maverick.yaml")
 NAMESPACE = "llama4-demo"
@@ -106,6 +112,53 @@ class Kube:
             port=port,
         )
         self.console.log(f"operator metrics: http://{LOOPBACK}:{port}/metrics")
+
+    def install_operator(self, *operator_values: str) -> list[str]:
+        """The operator as users install it: the image built here (loaded into the real nodes'
+        containerd), the Helm chart into a namespace enforcing the restricted Pod Security
+        profile, two replicas on the real node. Returns the pods' metrics addresses."""
+        self.console.rule("The operator image, built here, and the chart")
+        image = images.operator_image(progress=lambda step: self.console.log(f"image: {step}"))
+        self.cluster.load_image(image.archive)
+        self.console.log(f"[green]✓[/] {image.name} loaded into the real node")
+        self.create_namespace(OPERATOR_NAMESPACE)
+        self.kubectl(
+            "label", "--overwrite", "namespace", OPERATOR_NAMESPACE,
+            "pod-security.kubernetes.io/enforce=restricted",
+        )  # fmt: skip
+        repository, tag = image.name.rsplit(":", 1)
+        selector = json.dumps({real_nodes.REAL_NODE_LABEL: "true"})
+        with self.console.status("helm install (waiting for the operator pods to be Ready) ..."):
+            result = subprocess.run(
+                [
+                    str(devtools.tool("helm").binary()),
+                    f"--kubeconfig={self.cluster.kubeconfig}",
+                    "upgrade", "--install", OPERATOR_RELEASE, str(CHART),
+                    "--namespace", OPERATOR_NAMESPACE, "--wait", "--timeout=300s",
+                    f"--set=image.repository={repository}",
+                    f"--set=image.tag={tag}",
+                    "--set=image.pullPolicy=Never",
+                    f"--set-json=nodeSelector={selector}",
+                    *operator_values,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=360,
+                check=False,
+            )  # fmt: skip
+        if result.returncode != 0:
+            raise DemoError(f"helm install of the operator failed: {result.stderr.strip()}")
+        listed = self.kubectl(
+            "get", "pods", "-n", OPERATOR_NAMESPACE, "-o", "json",
+            "-l", f"app.kubernetes.io/instance={OPERATOR_RELEASE}",
+        )  # fmt: skip
+        pods = json.loads(listed)["items"]
+        for pod in pods:
+            self.console.log(
+                f"[green]✓[/] operator pod {pod['metadata']['name']} "
+                f"{pod['status']['phase']} on {pod['spec']['nodeName']}"
+            )
+        return [f"{pod['status']['podIP']}:{OPERATOR_METRICS_PORT}" for pod in pods]
 
     def deployments(self, namespace: str = NAMESPACE) -> list[dict[str, Any]]:
         listed: dict[str, Any] = json.loads(self.kubectl("get", "l4d", "-n", namespace, "-o=json"))
@@ -241,25 +294,47 @@ class ServingDemo:
     # -- set-up ------------------------------------------------------------------------------
 
     def start(self) -> DemoEndpoints:
+        # With a real node the operator runs there as pods, which reach Ray's dashboard and
+        # Prometheus on the cluster's bridge address (the host's side of the node network).
+        in_cluster = bool(self.cluster.real_node_names())
+        host = self.cluster.api_address if in_cluster else LOOPBACK
         self.console.rule("Ray: a head and fake-GPU worker raylets")
-        ray = RayClusterStarter(self.cluster, self.ray_nodes).start()
+        ray = RayClusterStarter(self.cluster, self.ray_nodes, dashboard_host=host).start()
         self.console.log(f"Ray dashboard: {ray.dashboard_url}")
-        self.console.rule("The operator, in external-Ray mode, and Prometheus")
+        self.console.rule("Prometheus, and the operator in external-Ray mode")
         self.kube.install_crd()
         self.kube.create_namespace(NAMESPACE)
         operator_port = free_port()
         # The tiny sample's app answers under external_route_prefix: /namespace/name.
         app_url = f"{ray.serve_url}/{NAMESPACE}/{tiny_name()}"
+        # Prometheus finds the operator pods in a file the install writes (their pod IPs).
+        operator_pods_file = self.cluster.directory / "operator-targets.json"
+        operator_pods_file.write_text("[]")
+        operator_target: str | Path = (
+            operator_pods_file if in_cluster else f"{LOOPBACK}:{operator_port}"
+        )
         prometheus_url = start_prometheus(
             self.cluster,
             ScrapeTargets(
-                operator=f"{LOOPBACK}:{operator_port}",
+                operator=operator_target,
                 namespace=NAMESPACE,
                 ray_discovery_file=ray.metrics_discovery_file,
             ),
+            host=host,
         )
         self.console.log(f"Prometheus: {prometheus_url}")
-        self.kube.start_operator(operator_port, *self._operator_args(ray, prometheus_url))
+        if in_cluster:
+            pod_targets = self.kube.install_operator(
+                f"--set=operator.externalRayDashboard={ray.dashboard_url}",
+                f"--set=operator.rayAcceleratorResource={FAKE_GPU}",
+                f"--set=operator.prometheusUrl={prometheus_url}",
+                "--set=operator.resyncIntervalSeconds=5",
+            )
+            operator_pods_file.write_text(json.dumps([{"targets": pod_targets}]))
+            operator_metrics_url = f"http://{pod_targets[0]}/metrics"
+        else:
+            self.kube.start_operator(operator_port, *self._operator_args(ray, prometheus_url))
+            operator_metrics_url = f"http://{LOOPBACK}:{operator_port}/metrics"
         self.console.rule("A tiny Llama 4 on vLLM (CPU build), through Ray Serve LLM")
         model = self._apply_tiny()
         endpoints = DemoEndpoints(
@@ -267,7 +342,7 @@ class ServingDemo:
             model=str(model["spec"]["model"].get("servedModelName") or model["metadata"]["name"]),
             prometheus_url=prometheus_url,
             ray_dashboard_url=ray.dashboard_url,
-            operator_metrics_url=f"http://{LOOPBACK}:{operator_port}/metrics",
+            operator_metrics_url=operator_metrics_url,
         )
         endpoints.save(self.cluster.directory)
         self._wait_ready(str(model["metadata"]["name"]), endpoints)

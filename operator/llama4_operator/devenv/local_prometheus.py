@@ -32,7 +32,9 @@ SCRAPE_INTERVAL = "5s"
 
 @dataclass(frozen=True)
 class ScrapeTargets:
-    operator: str  # host:port of the operator's /metrics
+    # host:port of the operator's /metrics, or a file_sd file listing its pods (Debian's
+    # Prometheus is built without Kubernetes service discovery).
+    operator: str | Path
     namespace: str  # what prometheus-operator would add as `namespace` to the serving series
     ray_discovery_file: Path | None = None
     # A reference-engine application's base URL (proxy + route prefix): it lists its replicas.
@@ -60,12 +62,7 @@ def prometheus_config(targets: ScrapeTargets, rule_files: list[Path]) -> dict[st
             "replacement": targets.namespace,
         },
     ]
-    jobs: list[dict[str, Any]] = [
-        {
-            "job_name": "llama4-operator",
-            "static_configs": [{"targets": [targets.operator]}],
-        },
-    ]
+    jobs: list[dict[str, Any]] = [_operator_job(targets.operator)]
     if targets.app_url is not None:
         jobs.append(
             {
@@ -92,14 +89,20 @@ def prometheus_config(targets: ScrapeTargets, rule_files: list[Path]) -> dict[st
     }
 
 
-def start_prometheus(cluster: LocalCluster, targets: ScrapeTargets) -> str:
-    """Start Prometheus as a component of `cluster`; returns its URL."""
+def _operator_job(operator: str | Path) -> dict[str, Any]:
+    if isinstance(operator, Path):
+        return {"job_name": "llama4-operator", "file_sd_configs": [{"files": [str(operator)]}]}
+    return {"job_name": "llama4-operator", "static_configs": [{"targets": [operator]}]}
+
+
+def start_prometheus(cluster: LocalCluster, targets: ScrapeTargets, host: str = LOOPBACK) -> str:
+    """Start Prometheus as a component of `cluster` on `host`; returns its URL."""
     binary = prometheus_binary()
     port = free_port()
     config_path = cluster.directory / "prometheus.yml"
     rules = sorted(RULES_DIR.glob("*.yaml"))
     config_path.write_text(yaml.safe_dump(prometheus_config(targets, rules), sort_keys=False))
-    url = f"http://{LOOPBACK}:{port}"
+    url = f"http://{host}:{port}"
     cluster.start_component(
         Component(
             "prometheus",
@@ -107,7 +110,7 @@ def start_prometheus(cluster: LocalCluster, targets: ScrapeTargets) -> str:
                 binary,
                 f"--config.file={config_path}",
                 f"--storage.tsdb.path={cluster.directory / 'prometheus-data'}",
-                f"--web.listen-address={LOOPBACK}:{port}",
+                f"--web.listen-address={host}:{port}",
                 "--storage.tsdb.retention.time=1d",
             ],
         ),

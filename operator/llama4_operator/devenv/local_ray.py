@@ -115,9 +115,13 @@ def _common_flags(cpus: int, resources: dict[str, int]) -> list[str]:
 class RayClusterStarter:
     """Starts the Ray components of one LocalCluster and Serve on it."""
 
-    def __init__(self, cluster: LocalCluster, nodes: RayNodes | None = None) -> None:
+    def __init__(
+        self, cluster: LocalCluster, nodes: RayNodes | None = None, dashboard_host: str = LOOPBACK
+    ) -> None:
         self.cluster = cluster
         self.nodes = nodes or RayNodes()
+        # The cluster's bridge address when the operator runs as a pod on a real node.
+        self.dashboard_host = dashboard_host
         digest = hashlib.sha256(str(cluster.directory).encode()).hexdigest()[:10]
         self.temp_dir = Path("/tmp") / f"llama4-ray-{digest}"
 
@@ -135,7 +139,7 @@ class RayClusterStarter:
             },
             directories=[self.temp_dir],
         )
-        dashboard = f"http://{LOOPBACK}:{dashboard_port}"
+        dashboard = f"http://{self.dashboard_host}:{dashboard_port}"
         gcs_address = f"{LOOPBACK}:{gcs_port}"
         head = [
             _script("ray"),
@@ -144,7 +148,7 @@ class RayClusterStarter:
             f"--port={gcs_port}",
             f"--ray-client-server-port={client_port}",
             "--include-dashboard=true",
-            f"--dashboard-host={LOOPBACK}",
+            f"--dashboard-host={self.dashboard_host}",
             f"--dashboard-port={dashboard_port}",
             f"--temp-dir={self.temp_dir}",
             *([f"--labels={NODE_ORDER_LABEL}=0"] if not self.nodes.workers else []),
