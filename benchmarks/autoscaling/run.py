@@ -57,6 +57,22 @@ SWEEP: dict[str, list[dict[str, Any]]] = {
     "rayserve": [{"target_ongoing_requests": t} for t in (16.0, 32.0, 64.0)],
 }
 BASELINES = tuple(SWEEP)
+# `--ablate`: each part of the `token` policy switched off in turn (TokenPolicyConfig knobs).
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "no trend": {"max_trend_gain": 0.0},
+    "trend over 5 minutes": {"trend_window_s": 300.0},
+    "no drain replicas": {"max_drain_gain": 0.0},
+    "no measured saturation": {"saturation_window_s": 1e9},
+    "headroom 0.95 / 0.9 / 0.9": {
+        "scale_up_utilization": 0.95,
+        "target_utilization": 0.9,
+        "scale_down_utilization": 0.9,
+    },
+}
+# `--held-out`: traces the defaults were not chosen on (other seeds, a cold start between the
+# two above), every policy at its usual settings as `llama4ctl simulate` runs it.
+HELD_OUT_SEEDS = (11, 12)
+HELD_OUT_COLD_START_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -251,10 +267,22 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=2, help="seeds per scenario (daily: 1)")
     parser.add_argument("--quick", action="store_true", help="2-hour daily trace, for a smoke run")
     parser.add_argument("--output", type=Path, help="write every run's figures as JSON here")
+    parser.add_argument(
+        "--ablate", action="store_true", help="instead: `token` with each part switched off"
+    )
+    parser.add_argument(
+        "--held-out", action="store_true", help="instead: traces and seeds not used for tuning"
+    )
     args = parser.parse_args()
     started = time.perf_counter()
     seeds = tuple(range(args.seeds))
     scenarios = _build_traces(args.quick, seeds)
+    if args.ablate:
+        _ablate(scenarios, args.workers, started)
+        return 0
+    if args.held_out:
+        _held_out(scenarios[0].capacity, args.workers, started)
+        return 0
 
     sweep = _sweep_jobs(scenarios, seeds[0])
     follow_up_estimate = len(sweep)  # replaced by the real count once phase 1 is done
@@ -272,6 +300,78 @@ def main() -> int:
         args.output.write_text(json.dumps({"runs": rows, "summary": report}, indent=1))
     print(f"\nbenchmark took {time.perf_counter() - started:.0f}s on {args.workers} workers")
     return 0
+
+
+def _ablate(scenarios: list[Scenario], workers: int, started: float) -> None:
+    variants = {"policy (defaults)": {}, **ABLATIONS}
+    jobs: list[Job] = [
+        (scenario, seed, cold, "token", knobs)
+        for knobs in variants.values()
+        for scenario in scenarios
+        for cold in COLD_STARTS
+        for seed in scenario.seeds
+    ]
+    rows = _pool_map(jobs, workers, [0, len(jobs)], started)
+    columns = [(s.name, cold) for s in scenarios for cold in COLD_STARTS]
+    print("\nSLO attainment / replica-hours / actions (seed means)")
+    print("| variant | " + " | ".join(f"{n}/{c:.0f}" for n, c in columns) + " |")
+    print("| --- " * (len(columns) + 1) + "|")
+    for name, knobs in variants.items():
+        cells = []
+        for scenario_name, cold in columns:
+            group = [
+                r
+                for r in rows
+                if r["knobs"] == knobs
+                and r["scenario"] == scenario_name
+                and r["cold_start_s"] == cold
+            ]
+            m = _mean_rows(group)
+            cells.append(
+                f"{m['slo_attainment']:.3f} / {m['replica_hours']:.2f} / {m['scaling_actions']:g}"
+            )
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def _held_out(capacity: float, workers: int, started: float) -> None:
+    conv = load_trace(HERE / "traces" / "azure-2023-conv.csv")
+    mean_request = float(np.mean(conv.prompt_tokens + conv.output_tokens))
+    cases: list[tuple[Scenario, int, str]] = []
+    for seed in HELD_OUT_SEEDS:
+        daily = Scenario("daily-4h", capacity, None, (seed,), False)
+        step = Scenario("step5x-from-20rps", capacity, STEP_AT_S, (seed,), False)
+        # Midnight to 04:00: the load falls to the cycle's trough, 40 requests/s on average.
+        TRACES[(daily.name, seed)] = daily_cycle_trace(conv, 40 * mean_request, seed, hours=4)
+        TRACES[(step.name, seed)] = step_trace(conv, 20 * mean_request, 5.0, seed=seed)
+        cases += [(daily, seed, "4 h of the daily cycle"), (step, seed, "5x step from 20 req/s")]
+    policies = ("token", *BASELINES, "oracle")
+    jobs: list[Job] = [
+        (scenario, seed, HELD_OUT_COLD_START_S, policy, {})
+        for scenario, seed, _ in cases
+        for policy in policies
+    ]
+    rows = _pool_map(jobs, workers, [0, len(jobs)], started)
+    print(
+        f"\nheld out, cold start {HELD_OUT_COLD_START_S:.0f}s, usual settings; "
+        "SLO attainment / replica-hours / actions"
+    )
+    print("| trace | " + " | ".join(policies) + " | dominated by |")
+    print("| --- " * (len(policies) + 2) + "|")
+    for scenario, seed, label in cases:
+        merged = {
+            r["policy"]: r for r in rows if r["scenario"] == scenario.name and r["seed"] == seed
+        }
+        dominating = [p for p in BASELINES if dominates(merged[p], merged["token"])]
+        cells = [
+            f"{merged[p]['slo_attainment']:.3f} / {merged[p]['replica_hours']:.2f} / "
+            f"{merged[p]['scaling_actions']}"
+            for p in policies
+        ]
+        print(
+            f"| {label}, seed {seed} | "
+            + " | ".join(cells)
+            + f" | {', '.join(dominating) or 'none'} |"
+        )
 
 
 def _report(
@@ -314,6 +414,14 @@ def _report(
                     f"{'-' if first is None else f'{first:.0f}s':>8s} "
                     f"{'-' if meets is None else f'{meets:.0f}s':>7s}"
                 )
+            front = pareto_front(merged)
+            print(
+                "  Pareto front (SLO, rep-h): "
+                + ", ".join(
+                    f"{p} ({merged[p]['slo_attainment']:.3f}, {merged[p]['replica_hours']:.2f})"
+                    for p in front
+                )
+            )
             targets = _targets(scenario, merged)
             for name, (met, detail) in targets.items():
                 print(f"  target {name}: {'MET' if met else 'NOT MET'} ({detail})")
@@ -322,60 +430,66 @@ def _report(
                     "scenario": scenario.name,
                     "cold_start_s": cold,
                     "policies": merged,
+                    "pareto_front": front,
                     "targets": {k: {"met": v[0], "detail": v[1]} for k, v in targets.items()},
                 }
             )
     return summary
 
 
+def dominates(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """True when `a` attains as much as `b` at no more replica-hours, and is better in one."""
+    return bool(
+        a["slo_attainment"] >= b["slo_attainment"]
+        and a["replica_hours"] <= b["replica_hours"]
+        and (a["slo_attainment"] > b["slo_attainment"] or a["replica_hours"] < b["replica_hours"])
+    )
+
+
+def pareto_front(merged: dict[str, dict[str, Any]]) -> list[str]:
+    """Policies no other policy dominates on (SLO attainment, replica-hours), cheapest first.
+
+    The oracle is left out: it plans from the future and is a bound, not a contender.
+    """
+    contenders = {p: m for p, m in merged.items() if p != "oracle"}
+    front = [
+        p
+        for p, m in contenders.items()
+        if not any(dominates(other, m) for q, other in contenders.items() if q != p)
+    ]
+    return sorted(front, key=lambda p: contenders[p]["replica_hours"])
+
+
 def _targets(scenario: Scenario, merged: dict[str, dict[str, Any]]) -> dict[str, tuple[bool, str]]:
     token = merged["token"]
     baselines = [merged[p] for p in BASELINES]
-    reaching = [b for b in baselines if b["slo_attainment"] >= ATTAINMENT_TARGET]
-    best = (
-        min(reaching, key=lambda b: b["replica_hours"])
-        if reaching
-        else max(baselines, key=lambda b: b["slo_attainment"])
-    )
     targets: dict[str, tuple[bool, str]] = {}
+    dominating = [b["policy"] for b in baselines if dominates(b, token)]
+    targets["no baseline dominates"] = (
+        not dominating,
+        "dominated by " + ", ".join(dominating) if dominating else "undominated",
+    )
+    reaching = [b for b in baselines if b["slo_attainment"] >= ATTAINMENT_TARGET]
     if reaching:
+        cheapest = min(reaching, key=lambda b: b["replica_hours"])
         met = (
             token["slo_attainment"] >= ATTAINMENT_TARGET
-            and token["replica_hours"] <= 0.9 * best["replica_hours"]
+            and token["replica_hours"] <= cheapest["replica_hours"]
+            and token["scaling_actions"] <= cheapest["scaling_actions"]
         )
-        targets["cost at >=95% SLO"] = (
+        targets[">=95% SLO at no more cost and actions than the cheapest baseline there"] = (
             met,
-            f"token {token['slo_attainment']:.3f} SLO, {token['replica_hours']:.2f} rep-h; "
-            f"cheapest baseline at >=95%: {best['policy']} {best['replica_hours']:.2f} rep-h "
-            f"(needs <= {0.9 * best['replica_hours']:.2f})",
-        )
-    else:
-        met = (
-            token["slo_attainment"] >= best["slo_attainment"] + 0.05
-            and token["replica_hours"] <= best["replica_hours"]
-        )
-        targets["+5 points SLO at no more cost"] = (
-            met,
-            f"no baseline reaches 95%; best {best['policy']} {best['slo_attainment']:.3f} SLO at "
-            f"{best['replica_hours']:.2f} rep-h; token {token['slo_attainment']:.3f} at "
-            f"{token['replica_hours']:.2f}",
+            f"token {token['slo_attainment']:.3f} SLO, {token['replica_hours']:.2f} rep-h, "
+            f"{token['scaling_actions']:.1f} actions; {cheapest['policy']} "
+            f"{cheapest['slo_attainment']:.3f}, {cheapest['replica_hours']:.2f} rep-h, "
+            f"{cheapest['scaling_actions']:.1f} actions",
         )
     if scenario.name in ("conv", "daily"):
         ratio = token["replica_hours"] / token["oracle_replica_hours"]
-        targets["<= 1.25x oracle replica-hours"] = (ratio <= 1.25, f"{ratio:.2f}x")
-    targets["<= half the best baseline's actions"] = (
-        token["scaling_actions"] <= 0.5 * best["scaling_actions"],
-        f"token {token['scaling_actions']:.1f}, {best['policy']} {best['scaling_actions']:.1f}",
-    )
+        targets["<= 1.10x oracle replica-hours"] = (ratio <= 1.10, f"{ratio:.2f}x")
     if scenario.step_at_s is not None:
         steady = token["steady_reversals"]
         targets["no reversals on steady segments"] = (steady == 0, f"{steady}")
-    if scenario.name == "step5x":
-        first = token["first_decision_after_step_s"]
-        targets["first decision <= 15 s after a 5x step"] = (
-            first is not None and first <= 15.0,
-            f"{first}s",
-        )
     return targets
 
 

@@ -2,13 +2,15 @@
 
 - Zipf-like per-layer popularity: expert of rank r gets weight 1 / r**exponent, ranks shuffled per
   layer.
-- Drift: each window multiplies every expert's popularity by exp(DRIFT_SIGMA * N(0, 1)), so the
-  window a plan is made from and the next one differ as they do between rebalances.
-- Token counts: a multinomial draw of TOKENS_PER_GPU x gpus tokens per layer (Llama 4 routes each
+- Drift: each window multiplies every expert's popularity by exp(drift x N(0, 1)), so the window a
+  plan is made from and the next one differ as they do between rebalances. The next windows each
+  drift independently from the planning window, so a plan is judged on their mean rather than on
+  one draw.
+- Token counts: a multinomial draw of TOKENS_PER_GPU tokens per GPU per layer (Llama 4 routes each
   token to one expert).
-- Source-dependent load: GPUs are split into domains (one per node, two on a single node); each
-  domain's popularity mixes the shared Zipf profile with a Zipf profile of its own
-  (DOMAIN_SHARE of it), and each GPU draws its tokens from its domain's popularity.
+- Source-dependent load: GPUs are split into domains; each domain's popularity mixes the shared
+  Zipf profile with a Zipf profile of its own (`own_share` of it), and each GPU draws its tokens
+  from its domain's popularity.
 """
 
 from __future__ import annotations
@@ -26,11 +28,20 @@ DOMAIN_SHARE = 0.5
 
 
 @dataclass(frozen=True)
-class Windows:
-    """Three consecutive windows: `before` (the previous plan's), `planning`, `next`."""
+class Window:
+    """Token counts of one window: by expert, and by sending GPU when known."""
 
-    load: tuple[FloatArray, FloatArray, FloatArray]  # each [layers, experts]
-    source: tuple[FloatArray, FloatArray, FloatArray] | None  # each [layers, gpus, experts]
+    load: FloatArray  # [layers, experts]
+    source: FloatArray | None  # [layers, gpus, experts]
+
+
+@dataclass(frozen=True)
+class Windows:
+    """The previous plan's window, the planning window, and drifted next windows."""
+
+    before: Window
+    planning: Window
+    upcoming: tuple[Window, ...]
 
 
 def _zipf(rng: np.random.Generator, layers: int, experts: int, exponent: float) -> FloatArray:
@@ -40,31 +51,45 @@ def _zipf(rng: np.random.Generator, layers: int, experts: int, exponent: float) 
     return normalised
 
 
-def _drift(rng: np.random.Generator, popularity: FloatArray) -> FloatArray:
-    drifted = popularity * np.exp(DRIFT_SIGMA * rng.standard_normal(popularity.shape))
+def _drift(rng: np.random.Generator, popularity: FloatArray, sigma: float) -> FloatArray:
+    drifted = popularity * np.exp(sigma * rng.standard_normal(popularity.shape))
     normalised: FloatArray = drifted / drifted.sum(axis=-1, keepdims=True)
     return normalised
 
 
-def skewed(seed: int, layers: int, experts: int, gpus: int, exponent: float) -> Windows:
+def skewed(
+    seed: int, layers: int, experts: int, gpus: int, exponent: float, next_windows: int
+) -> Windows:
     """Zipf-like loads with no source information."""
     rng = np.random.default_rng(seed)
-    popularity = _zipf(rng, layers, experts, exponent)
-    windows = []
-    for _ in range(3):
-        popularity = _drift(rng, popularity)
-        windows.append(
-            np.stack([rng.multinomial(TOKENS_PER_GPU * gpus, p) for p in popularity]).astype(
-                np.float64
-            )
-        )
-    return Windows(load=(windows[0], windows[1], windows[2]), source=None)
+    before = _drift(rng, _zipf(rng, layers, experts, exponent), DRIFT_SIGMA)
+    planning = _drift(rng, before, DRIFT_SIGMA)
+
+    def window(popularity: FloatArray) -> Window:
+        counts = np.stack([rng.multinomial(TOKENS_PER_GPU * gpus, p) for p in popularity])
+        return Window(counts.astype(np.float64), None)
+
+    return Windows(
+        before=window(before),
+        planning=window(planning),
+        upcoming=tuple(window(_drift(rng, planning, DRIFT_SIGMA)) for _ in range(next_windows)),
+    )
 
 
 def by_domain(
-    seed: int, layers: int, experts: int, *, nodes: int, gpus_per_node: int, exponent: float
+    seed: int,
+    layers: int,
+    experts: int,
+    *,
+    nodes: int,
+    gpus_per_node: int,
+    exponent: float,
+    next_windows: int,
+    own_share: float = DOMAIN_SHARE,
+    drift: float = DRIFT_SIGMA,
 ) -> Windows:
-    """Loads that depend on the GPU the tokens come from."""
+    """Loads that depend on the GPU the tokens come from: one domain per node (two on a single
+    node), `own_share` of each domain's popularity its own."""
     rng = np.random.default_rng(seed)
     gpus = nodes * gpus_per_node
     domains = max(nodes, 2)
@@ -72,21 +97,25 @@ def by_domain(
     shared = _zipf(rng, layers, experts, exponent)
     popularity = np.stack(
         [
-            (1 - DOMAIN_SHARE) * shared + DOMAIN_SHARE * _zipf(rng, layers, experts, exponent)
+            (1 - own_share) * shared + own_share * _zipf(rng, layers, experts, exponent)
             for _ in range(domains)
         ]
     )  # [domains, layers, experts]
-    sources = []
-    for _ in range(3):
-        popularity = _drift(rng, popularity)
+
+    def window(domain_popularity: FloatArray) -> Window:
         per_gpu = np.stack(
             [
-                np.stack([rng.multinomial(TOKENS_PER_GPU, p) for p in popularity[domain]])
+                np.stack([rng.multinomial(TOKENS_PER_GPU, p) for p in domain_popularity[domain]])
                 for domain in domain_of_gpu
             ]
         )  # [gpus, layers, experts]
-        sources.append(np.transpose(per_gpu, (1, 0, 2)).astype(np.float64))
+        source = np.transpose(per_gpu, (1, 0, 2)).astype(np.float64)
+        return Window(source.sum(axis=1), source)
+
+    before = _drift(rng, popularity, drift)
+    planning = _drift(rng, before, drift)
     return Windows(
-        load=(sources[0].sum(axis=1), sources[1].sum(axis=1), sources[2].sum(axis=1)),
-        source=(sources[0], sources[1], sources[2]),
+        before=window(before),
+        planning=window(planning),
+        upcoming=tuple(window(_drift(rng, planning, drift)) for _ in range(next_windows)),
     )

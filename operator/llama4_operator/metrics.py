@@ -66,7 +66,20 @@ GPUS = Gauge(
 )
 AUTOSCALER_DESIRED_REPLICAS = Gauge(
     "llama4_autoscaler_desired_replicas",
-    "Replicas the autoscaler last asked for (spec.replicas once applied).",
+    "Replicas the autoscaler last asked for (spec.replicas once applied; advice only in "
+    "advisory mode).",
+    ["namespace", "name"],
+    registry=REGISTRY,
+)
+AUTOSCALER_CURRENT_REPLICAS = Gauge(
+    "llama4_autoscaler_current_replicas",
+    "spec.replicas when the autoscaler last decided: what runs, against what it asked for.",
+    ["namespace", "name"],
+    registry=REGISTRY,
+)
+AUTOSCALER_ADVISORY = Gauge(
+    "llama4_autoscaler_advisory",
+    "1 when the autoscaler only advises (spec.autoscaling.mode: advisory), 0 when it applies.",
     ["namespace", "name"],
     registry=REGISTRY,
 )
@@ -88,6 +101,8 @@ _PER_DEPLOYMENT = (
     READY_REPLICAS,
     GPUS,
     AUTOSCALER_DESIRED_REPLICAS,
+    AUTOSCALER_CURRENT_REPLICAS,
+    AUTOSCALER_ADVISORY,
     AUTOSCALER_MAX_REPLICAS,
 )
 # (namespace, name) -> reasons counted, so that `forget` can remove each labelled series.
@@ -123,10 +138,19 @@ def forget(namespace: str, name: str) -> None:
 
 
 def record_autoscaling(
-    namespace: str, name: str, *, desired_replicas: int, max_replicas: int, reason: str
+    namespace: str,
+    name: str,
+    *,
+    desired_replicas: int,
+    current_replicas: int,
+    max_replicas: int,
+    reason: str,
+    advisory: bool = False,
 ) -> None:
-    """One autoscaling decision: the replicas asked for, the bound, and why."""
+    """One autoscaling decision: the replicas asked for and running, the bound, and why."""
     AUTOSCALER_DESIRED_REPLICAS.labels(namespace, name).set(desired_replicas)
+    AUTOSCALER_CURRENT_REPLICAS.labels(namespace, name).set(current_replicas)
+    AUTOSCALER_ADVISORY.labels(namespace, name).set(1 if advisory else 0)
     AUTOSCALER_MAX_REPLICAS.labels(namespace, name).set(max_replicas)
     AUTOSCALER_DECISIONS.labels(namespace, name, reason).inc()
     _decision_reasons.setdefault((namespace, name), set()).add(reason)
@@ -134,7 +158,12 @@ def record_autoscaling(
 
 def forget_autoscaler(namespace: str, name: str) -> None:
     """Drop a deployment's autoscaler series (deleted, or autoscaling turned off)."""
-    for gauge in (AUTOSCALER_DESIRED_REPLICAS, AUTOSCALER_MAX_REPLICAS):
+    for gauge in (
+        AUTOSCALER_DESIRED_REPLICAS,
+        AUTOSCALER_CURRENT_REPLICAS,
+        AUTOSCALER_ADVISORY,
+        AUTOSCALER_MAX_REPLICAS,
+    ):
         with contextlib.suppress(KeyError):
             gauge.remove(namespace, name)
     for reason in _decision_reasons.pop((namespace, name), set()):

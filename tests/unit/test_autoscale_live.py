@@ -449,6 +449,7 @@ def test_load_above_capacity_scales_up_and_records_the_decision() -> None:
     assert source.routed == {False}  # the autoscaler never asks for the per-expert series
     report = kube.statuses[-1]["autoscaling"]
     assert report["managesReplicas"] is True
+    assert report["mode"] == "apply"
     assert report["desiredReplicas"] == 3
     assert report["reason"] == ScalingReason.CLAMP_MAX
     assert report["tokensPerSecond"] == pytest.approx(300)
@@ -459,10 +460,64 @@ def test_load_above_capacity_scales_up_and_records_the_decision() -> None:
     assert "1 -> 3 replicas" in message
     assert exported("llama4_autoscaler_desired_replicas", namespace=NS, name=NAME) == 3
     assert exported("llama4_autoscaler_max_replicas", namespace=NS, name=NAME) == 3
+    assert exported("llama4_autoscaler_current_replicas", namespace=NS, name=NAME) == 1
+    assert exported("llama4_autoscaler_advisory", namespace=NS, name=NAME) == 0
     assert (
         exported("llama4_autoscaler_decisions_total", namespace=NS, name=NAME, reason="clamp_max")
         == 1
     )
+
+
+def test_advisory_mode_records_the_advice_and_changes_nothing() -> None:
+    autoscaler, source, kube, clock = make()
+    # The same load that scales 1 -> 3 in apply mode.
+    source.script = [snap(clock.now + 2 * i, a_1=(400.0 * i, 200.0 * i, 0)) for i in range(4)]
+    for _ in range(4):
+        tick(autoscaler, deployment(1, mode="advisory"))
+        clock.now += 2
+    assert kube.scaled == []  # spec.replicas is never written
+    report = kube.statuses[-1]["autoscaling"]
+    assert report["managesReplicas"] is False
+    assert report["mode"] == "advisory"
+    assert report["desiredReplicas"] == 3
+    assert report["reason"] == ScalingReason.CLAMP_MAX
+    assert report["lastScaleTime"] is None
+    # One event for the advice, not one per tick while it stands.
+    ((type_, reason, message),) = kube.events
+    assert (type_, reason) == ("Normal", "AutoscalerAdvisesScaleUp")
+    assert "would scale 1 -> 3" in message
+    assert exported("llama4_autoscaler_desired_replicas", namespace=NS, name=NAME) == 3
+    assert exported("llama4_autoscaler_current_replicas", namespace=NS, name=NAME) == 1
+    assert exported("llama4_autoscaler_advisory", namespace=NS, name=NAME) == 1
+
+
+def test_advice_honours_the_cooldown_after_someone_else_scales_up() -> None:
+    autoscaler, source, kube, clock = make()
+    source.script = [snap(clock.now + 2 * i, a_1=(0, 0, 0)) for i in range(30)]
+    reasons = []
+    for i in range(30):
+        # Idle throughout; someone scales 1 -> 2 by hand 30 s in.
+        tick(autoscaler, deployment(1 if i < 15 else 2, mode="advisory"))
+        reasons.append(kube.statuses[-1]["autoscaling"]["reason"])
+        clock.now += 2
+    assert kube.scaled == []
+    # For the 20 s scale-down delay after the hand-made scale-up, no scale-down is advised.
+    assert reasons[14] == "clamp_min"  # idle at 1: nothing to give back
+    assert reasons[15:26] == ["hold_cooldown"] * 11
+    assert kube.statuses[-1]["autoscaling"]["desiredReplicas"] == 1  # then: back to 1
+
+
+def test_switching_advisory_to_apply_acts_on_the_advice() -> None:
+    autoscaler, source, kube, clock = make()
+    source.script = [snap(clock.now + 2 * i, a_1=(400.0 * i, 200.0 * i, 0)) for i in range(3)]
+    for mode in ("advisory", "advisory", "apply"):
+        tick(autoscaler, deployment(1, mode=mode))
+        clock.now += 2
+    assert kube.scaled == [3]
+    assert kube.statuses[-1]["autoscaling"]["managesReplicas"] is True
+    assert kube.statuses[-1]["autoscaling"]["mode"] == "apply"
+    assert [e[1] for e in kube.events] == ["AutoscalerAdvisesScaleUp", "ScaledUp"]
+    assert exported("llama4_autoscaler_advisory", namespace=NS, name=NAME) == 0
 
 
 def test_missing_metrics_hold_with_the_reason_and_warn_once() -> None:
@@ -514,6 +569,18 @@ def test_autoscaling_off_leaves_replicas_alone_and_says_so_once() -> None:
     assert status["autoscaling"]["managesReplicas"] is False
     assert status["autoscaling"]["message"] == OFF_MESSAGE
     assert status["autoscaling"]["desiredReplicas"] is None
+
+
+def test_turning_off_an_advisory_autoscaler_clears_its_advice() -> None:
+    autoscaler, source, kube, _ = make()
+    advised = {"autoscaling": {"managesReplicas": False, "mode": "advisory", "desiredReplicas": 3}}
+    tick(autoscaler, deployment(1, status=advised, enabled=False, mode="advisory"))
+    assert source.reads == 0
+    assert kube.scaled == []
+    (status,) = kube.statuses
+    assert status["autoscaling"]["mode"] is None
+    assert status["autoscaling"]["desiredReplicas"] is None
+    assert status["autoscaling"]["message"] == OFF_MESSAGE
 
 
 def test_sd_document_is_the_format_prometheus_reads() -> None:

@@ -76,7 +76,8 @@ def test_burst_with_backlog_scales_up_at_once_to_the_needed_count() -> None:
     samples = _steady(3000.0, 4)
     burst = [MetricSample(1200.0 + t, 5400.0, 600.0, 24_000.0, 4, 4) for t in (5, 10, 15, 20)]
     now = 1220.0
-    decision = decide_replicas(samples + burst, _config(), now_s=now, current_replicas=4)
+    config = _config()
+    decision = decide_replicas(samples + burst, config, now_s=now, current_replicas=4)
     assert decision.reason is ScalingReason.SCALE_UP_BURST
     # Arriving tokens over the last 30 s: 4 samples at 6000 (the first also +24000/5 of
     # backlog growth) and two at 3000. Until new replicas are ready (300 s) the 4 live ones
@@ -86,7 +87,7 @@ def test_burst_with_backlog_scales_up_at_once_to_the_needed_count() -> None:
     backlog_at_ready = 24_000.0 + (arriving - 4 * CAPACITY) * 300.0
     drain = min(backlog_at_ready / 30.0, arriving)
     assert decision.demand_tokens_per_s >= arriving + drain
-    serve = arriving / (0.9 * CAPACITY)  # target_utilization 0.9
+    serve = arriving / (config.target_utilization * CAPACITY)
     assert decision.desired_replicas >= math.ceil(serve + drain / CAPACITY)
     # The rising trend adds at most 25% of the arriving rate.
     assert decision.desired_replicas <= math.ceil(1.25 * serve + drain / CAPACITY)
@@ -260,3 +261,74 @@ def test_drain_replicas_grow_with_the_cold_start_up_to_the_cap() -> None:
         current_replicas=4,
     )
     assert capped.desired_replicas < decisions[600.0]
+
+
+def test_a_backlog_the_live_replicas_clear_before_a_cold_start_adds_no_replica() -> None:
+    # 4 replicas serve 3800 of their 4000 tokens/s; 60,000 tokens wait and do not grow.
+    # (Saturation is not measured here: it would replace the capacity with 950.)
+    samples = _steady(3800.0, 4, waiting=60_000.0)
+    settings = {"saturation_window_s": 1e6}
+    # The 200 tokens/s to spare clear it in 300 s: a replica started now would come too late.
+    slow = decide_replicas(
+        samples, _config(cold_start_s=300.0, **settings), now_s=1200.0, current_replicas=4
+    )
+    assert slow.desired_replicas == 4
+    # With a 30 s cold start, 54,000 tokens would still wait: drained within 30 s by 1800
+    # tokens/s of extra replicas.
+    fast = decide_replicas(
+        samples, _config(cold_start_s=30.0, **settings), now_s=1200.0, current_replicas=4
+    )
+    assert fast.reason is ScalingReason.SCALE_UP_BURST
+    assert fast.desired_replicas == math.ceil(3800.0 / 950.0 + 1800.0 / CAPACITY)
+
+
+def test_a_ten_second_burst_is_not_projected_over_the_cold_start() -> None:
+    # 3 replicas carry 2300 tokens/s; for 10 s, 3500 arrive and a small queue grows.
+    samples = [
+        *_steady(2300.0, 3),
+        MetricSample(1205.0, 3150.0, 350.0, 2_000.0, 3, 3),
+        MetricSample(1210.0, 3150.0, 350.0, 4_000.0, 3, 3),
+    ]
+    decision = decide_replicas(samples, _config(), now_s=1210.0, current_replicas=3)
+    # The surge is served (the 10 s mean sizes the scale-up), but over 30 s the replicas
+    # still have capacity to spare, so no backlog is projected and no drain replica added.
+    assert decision.reason is ScalingReason.SCALE_UP_BURST
+    surge = 3500.0 + 2_000.0 / 5
+    assert decision.desired_replicas == math.ceil(surge / (0.95 * CAPACITY))
+
+
+def test_with_min_replicas_0_an_idle_deployment_goes_to_zero_and_a_queue_wakes_it() -> None:
+    config = _config(min_replicas=0, scale_down_window_s=600.0)
+    idle = _steady(0.0, 1)
+    asleep = decide_replicas(idle, config, now_s=1200.0, current_replicas=1)
+    assert (asleep.desired_replicas, asleep.reason) == (0, ScalingReason.SCALE_DOWN_LULL)
+    # At zero nothing is served; requests wait at the router and their prompts show as queued.
+    waiting = [
+        *[MetricSample(s.time_s, 0.0, 0.0, 0.0, 0, 0) for s in idle],
+        MetricSample(1205.0, 0.0, 0.0, 3_000.0, 0, 0),
+    ]
+    awake = decide_replicas(waiting, config, now_s=1205.0, current_replicas=0)
+    assert awake.reason is ScalingReason.SCALE_UP_BURST
+    assert awake.desired_replicas >= 1
+    still = decide_replicas(waiting[:-1], config, now_s=1200.0, current_replicas=0)
+    assert still.desired_replicas == 0
+
+
+def test_a_three_minute_swing_is_not_taken_for_a_ramp() -> None:
+    # Flat at 3300 tokens/s, then 400 more over the last 3 minutes (a swing of the noise).
+    def level(t: float) -> float:
+        return 3300.0 + max(0.0, t - 1020.0) * 400.0 / 180.0
+
+    samples = [
+        MetricSample(t, 0.9 * level(t), 0.1 * level(t), 0.0, 4, 4)
+        for t in np.arange(5.0, 1205.0, 5.0)
+    ]
+    # Over the default 10 minutes the slope is shallow: 3700 plus its projection stays
+    # within the 4000 tokens/s of 4 replicas.
+    calm = decide_replicas(samples, _config(), now_s=1200.0, current_replicas=4)
+    assert calm.reason is ScalingReason.HOLD_STABLE
+    # Fitted to the 3 minutes alone, the same swing would look like a ramp.
+    hasty = decide_replicas(
+        samples, _config(trend_window_s=180.0), now_s=1200.0, current_replicas=4
+    )
+    assert hasty.reason is ScalingReason.SCALE_UP_TREND

@@ -88,11 +88,13 @@ def test_defaults_bounds_and_enums(spec_schema: dict[str, Any]) -> None:
     assert props["replicas"]["default"] == 1
     assert props["replicas"]["minimum"] == 0
     assert props["model"]["properties"]["quantization"]["enum"] == ["bf16", "fp8", "int4"]
+    assert props["autoscaling"]["properties"]["mode"]["enum"] == ["apply", "advisory"]
     # An omitted object stands for its members' defaults, spelled out: the API server checks
     # a default against the CEL rules as written.
     assert props["engine"]["default"] == {"name": "vllm"}
     assert props["autoscaling"]["default"] == {
         "enabled": False,
+        "mode": "apply",
         "minReplicas": 1,
         "maxReplicas": 4,
         "scaleDownDelaySeconds": 600,

@@ -186,7 +186,7 @@ def test_no_rebalance_above_threshold_or_without_budget() -> None:
 def test_repair_stays_within_tolerance_of_a_fresh_plan(
     problem: tuple[Topology, np.ndarray], seed: int
 ) -> None:
-    # Without a move budget the repair either reaches `balance_tolerance` below a fresh plan's
+    # Without a move budget the repair either reaches `balance_slack` below a fresh plan's
     # layer balance (a fresh plan past _GOOD_ENOUGH counts as _GOOD_ENOUGH: past it the planner
     # stops searching) or falls back to the fresh plan itself, so no layer may end up further
     # below.
@@ -198,7 +198,7 @@ def test_repair_stays_within_tolerance_of_a_fresh_plan(
     tolerance = 0.01
     fresh = plan_experts(topology, layers, experts, load).phy2log
     repaired = plan_experts(
-        topology, layers, experts, load, previous=previous, balance_tolerance=tolerance
+        topology, layers, experts, load, previous=previous, balance_slack=tolerance
     ).phy2log
     used = np.where(load.sum(axis=1, keepdims=True) > 0, load, 1.0)  # idle layers plan as uniform
     fresh_balance = m.layer_balance(m.dispatch(fresh, topology, used).gpu_load)
@@ -241,3 +241,63 @@ def test_a_layer_without_source_tokens_is_planned_from_its_load() -> None:
         assert set(row.tolist()) == set(range(4))
     gpu_load = m.dispatch(phy2log[1:], topology, np.ones((1, 4))).gpu_load
     assert m.balance(gpu_load) == pytest.approx(1.0)
+
+
+def _domains(seed: int, topology: Topology, layers: int, experts: int) -> np.ndarray:
+    """Per-source tokens where each node mostly asks for its own Zipf-popular experts."""
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, experts + 1)
+    rows = []
+    for _ in range(layers):
+        shared = rng.permutation(weights)
+        per_node = [0.2 * shared + 0.8 * rng.permutation(weights) for _ in range(topology.nodes)]
+        rows.append(
+            [
+                rng.multinomial(2000, per_node[gpu // topology.gpus_per_node] / sum(weights))
+                for gpu in range(topology.gpus)
+            ]
+        )
+    return np.asarray(rows, dtype=float)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_more_balance_slack_never_sends_more_tokens_off_their_node(seed: int) -> None:
+    # A fresh plan takes the candidate with the fewest cross-node tokens among those within the
+    # slack of the best balance, so a larger slack can only widen the choice.
+    topology = Topology(2, 4, 5)
+    source = _domains(seed, topology, 4, 32)
+    load = source.sum(axis=1)
+    cross = []
+    for slack in (0.0, 0.02, 0.1):
+        plan = plan_experts(topology, 4, 32, load, source_load=source, balance_slack=slack)
+        per_layer = m.dispatch(plan.phy2log, topology, load, source).cross_node_tokens
+        cross.append(per_layer)
+    assert (cross[1] <= cross[0] + 1e-9).all()
+    assert (cross[2] <= cross[1] + 1e-9).all()
+    assert cross[2].sum() < cross[0].sum()
+
+
+def test_replanning_the_same_sourced_window_moves_nothing() -> None:
+    topology = Topology(2, 4, 5)
+    source = _domains(3, topology, 3, 32)
+    load = source.sum(axis=1)
+    first = plan_experts(topology, 3, 32, load, source_load=source).phy2log
+    again = plan_experts(topology, 3, 32, load, source_load=source, previous=first)
+    assert again.experts_moved == 0
+
+
+def test_a_sourced_repair_moves_fewer_copies_than_a_fresh_plan() -> None:
+    # The next window drifts a little: keeping most of the previous placement must move far fewer
+    # copies than planning afresh would, and keep every expert placed.
+    topology = Topology(2, 4, 5)
+    before = _domains(4, topology, 4, 32)
+    rng = np.random.default_rng(4)
+    after = rng.poisson(before * np.exp(0.2 * rng.standard_normal(before.shape))).astype(float)
+    previous = plan_experts(topology, 4, 32, before.sum(axis=1), source_load=before).phy2log
+    fresh = plan_experts(topology, 4, 32, after.sum(axis=1), source_load=after).phy2log
+    repaired = plan_experts(
+        topology, 4, 32, after.sum(axis=1), source_load=after, previous=previous
+    )
+    assert repaired.experts_moved < m.experts_moved(previous, fresh, topology)
+    for row in repaired.phy2log:
+        assert set(row.tolist()) == set(range(32))

@@ -93,6 +93,7 @@ def test_dashboards_have_fixed_unique_uids_and_the_required_panels() -> None:
         "Measured balance per layer",
         "Expert rebalances",
         "Autoscaler decisions by reason",
+        "Autoscaler: advised vs running replicas",
     } <= titles["llama4-moe"]
     moe_kinds = {p["title"]: p["type"] for p in found["llama4-moe"]["panels"]}
     assert moe_kinds["Routed tokens/s per layer and expert"] == "heatmap"

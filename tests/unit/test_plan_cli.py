@@ -1,6 +1,8 @@
 """`llama4ctl plan experts`: the file contract."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +111,30 @@ def test_input_that_is_not_json(tmp_path: Path) -> None:
     )
     assert result.exit_code != 0
     assert "is not JSON" in result.output
+
+
+def test_balance_slack_out_of_range_is_refused(tmp_path: Path) -> None:
+    code, output, _ = run(tmp_path, problem(balance_slack=0.5))
+    assert code != 0
+    assert "balance_slack" in output
+
+
+def test_plan_experts_starts_without_the_operator_or_the_optimiser() -> None:
+    # Start-up time: `llama4ctl plan experts` must not import kopf (the operator's command) nor
+    # scipy.optimize (only a relabelled plan needs it).
+    script = (
+        "import sys; from llama4_operator.cli import main; "
+        "main.get_command(None, 'plan'); "
+        "print(sorted({'kopf', 'scipy.optimize'} & set(sys.modules)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
+
+
+def test_help_lists_every_command() -> None:
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for command in ("dev", "operator", "plan", "simulate"):
+        assert command in result.output

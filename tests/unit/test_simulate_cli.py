@@ -91,6 +91,8 @@ def test_rate_scale_and_seed_change_the_replay(trace_file: Path) -> None:
         (["--cold-start", "-5"], "--cold-start"),
         (["--replica-capacity", "0"], "--replica-capacity"),
         (["--min-replicas", "5", "--max-replicas", "2"], "--min-replicas"),
+        (["--min-replicas", "-1"], "--min-replicas"),
+        (["--min-replicas", "0", "--max-replicas", "0"], "--min-replicas"),
         (["--knob", "no_such_setting=1"], "no_such_setting"),
         (["--knob", "oops"], "NAME=VALUE"),
     ],

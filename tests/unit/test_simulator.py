@@ -293,3 +293,24 @@ def test_an_hour_of_the_conversation_trace_replays_in_seconds() -> None:
     assert result.requests == conv.requests
     assert elapsed < 15.0, f"{elapsed:.1f}s"
     assert math.isfinite(result.ttft_p99_s)
+
+
+def test_token_policy_scales_to_zero_and_queued_requests_wake_it() -> None:
+    # Five minutes of light load, half an hour idle, then five requests.
+    early = [2.0 * i for i in range(150)]
+    late = [2400.0 + 2.0 * i for i in range(5)]
+    arrivals = early + late
+    trace = _trace(arrivals, [500] * len(arrivals), [50] * len(arrivals))
+    settings = SimulationSettings(
+        replica_capacity_tokens_per_s=18_000.0, cold_start_s=60.0, min_replicas=0
+    )
+    result = simulate(trace, "token", settings)
+    moves = [(before, after) for _, before, after in result.actions]
+    assert (1, 0) in moves  # idle past the scale-down window: no replica at all
+    assert (0, 1) in moves  # the queued requests woke it
+    woke_at = next(t for t, before, _ in result.actions if before == 0)
+    assert 2400.0 <= woke_at <= 2405.0  # within one sample of the first queued request
+    # Nothing is dropped: the late requests wait one cold start (+-10%) for their first token.
+    assert result.requests == len(arrivals)
+    assert result.ttft_p99_s == pytest.approx(60.0, abs=6.0 + 5.0)
+    assert result.slo_attainment == pytest.approx(150 / 155)

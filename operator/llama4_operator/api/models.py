@@ -29,6 +29,7 @@ Variant = Literal["scout", "maverick", "behemoth", "custom"]
 Quantization = Literal["bf16", "fp8", "int4"]
 EngineName = Literal["reference", "vllm"]
 ExpertBalancer = Literal["operator", "vllm-eplb", "none"]
+AutoscalingMode = Literal["apply", "advisory"]
 
 
 def _cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
@@ -472,7 +473,18 @@ class AutoscalingSpec(ApiModel):
         )
     )
 
-    enabled: bool = Field(default=False, description="Let the operator set spec.replicas.")
+    enabled: bool = Field(
+        default=False, description="Run the autoscaler (it sets spec.replicas in apply mode)."
+    )
+    mode: AutoscalingMode = Field(
+        default="apply",
+        description=(
+            "apply: the autoscaler sets spec.replicas. advisory: it decides as it would and "
+            "records the advice (status.autoscaling, events, the "
+            "llama4_autoscaler_desired_replicas series) but leaves spec.replicas alone, so its "
+            "advice can be compared with the replicas you run before it is trusted."
+        ),
+    )
     min_replicas: int = Field(default=1, ge=0, le=1000, description="Fewest replicas.")
     max_replicas: int = Field(default=4, ge=1, le=1000, description="Most replicas.")
     target_tokens_per_second: int | None = Field(
@@ -480,8 +492,8 @@ class AutoscalingSpec(ApiModel):
         ge=1,
         description=(
             "Tokens per second (prompt plus generated) one replica serves within its latency "
-            "goal: its capacity. The operator adds replicas when demand passes 95% of the "
-            "replicas' total and sizes them to run at 90%; a lower rate measured while "
+            "goal: its capacity. The operator adds replicas when demand passes the "
+            "replicas' total and sizes them to run at 95%; a lower rate measured while "
             "requests stay queued replaces it. Omitted: calibrated from the "
             "throughput replicas reach while a backlog keeps them busy, starting from a "
             "guess of 1000."
@@ -545,6 +557,15 @@ class PlacementSpec(ApiModel):
         ge=0,
         le=4096,
         description="Extra expert slots per MoE layer for copies of the busiest experts.",
+    )
+    balance_slack: float = Field(
+        default=0.02,
+        ge=0.0,
+        le=0.2,
+        description=(
+            "Layer balance the expert planner may give up for fewer cross-node tokens and fewer "
+            "expert copies moved; 0 asks for balance first."
+        ),
     )
     rebalance: RebalanceSpec = Field(
         default_factory=RebalanceSpec, description="Rebalancing on measured expert load."
@@ -774,8 +795,14 @@ class AutoscalingStatus(ApiModel):
     manages_replicas: bool = Field(
         description=(
             "True: the autoscaler owns spec.replicas and overwrites manual changes (kubectl "
-            "scale); false: autoscaling is off and spec.replicas is left to you."
+            "scale); false: autoscaling is off or advisory and spec.replicas is left to you."
         )
+    )
+    mode: AutoscalingMode | None = Field(
+        default=None,
+        description=(
+            "The mode of the last decision: apply, or advisory (desiredReplicas is advice only)."
+        ),
     )
     desired_replicas: int | None = Field(
         default=None, ge=0, description="Replicas the policy asked for at the last decision."

@@ -4,7 +4,8 @@
 writes a placement. PROBLEM.json: `layers` (L), `experts` (E), `nodes` (N), `gpus_per_node` (g),
 `slots_per_gpu` (s), `load` (L lists of E token counts; uniform when left out); optional
 `source_load` (L x G x E, G = N x g), `previous` (L lists of P = G x s expert ids),
-`expert_bytes` (one number, or E numbers), `gpu_memory_bytes`, `max_experts_moved`.
+`expert_bytes` (one number, or E numbers), `gpu_memory_bytes`, `max_experts_moved`,
+`balance_slack` (default 0.02, as `spec.placement.balanceSlack`).
 PLAN.json: `phy2log` (L lists of P expert ids; slot p on GPU p // s, GPU q on node q // g) and
 `figures` judged on the problem's `load` by `placement_metrics`.
 """
@@ -22,7 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from llama4_operator.planners import eplb
 from llama4_operator.planners import placement_metrics as metrics
-from llama4_operator.planners.expert_placement import linear_placement, plan_experts
+from llama4_operator.planners.expert_placement import (
+    DEFAULT_BALANCE_SLACK,
+    linear_placement,
+    plan_experts,
+)
 
 Algorithm = Literal["project", "eplb-global", "eplb-hierarchical", "linear"]
 
@@ -49,6 +54,12 @@ class PlacementProblem(BaseModel):
     expert_bytes: int | list[int] = Field(default=0, description="Bytes of one expert (or E).")
     gpu_memory_bytes: int | None = Field(default=None, gt=0)
     max_experts_moved: int | None = Field(default=None, ge=0)
+    balance_slack: float = Field(
+        default=DEFAULT_BALANCE_SLACK,
+        ge=0.0,
+        le=0.2,
+        description="Layer balance the planner may give up for locality and fewer moves.",
+    )
 
     @property
     def gpus(self) -> int:
@@ -133,6 +144,7 @@ def solve(problem: PlacementProblem, algorithm: Algorithm) -> dict[str, Any]:
             expert_bytes=expert_bytes,
             gpu_memory_bytes=problem.gpu_memory_bytes,
             max_experts_moved=problem.max_experts_moved,
+            balance_slack=problem.balance_slack,
         ).phy2log
     elif algorithm == "eplb-global":
         phy2log = eplb.global_policy(load, topology)

@@ -53,7 +53,12 @@ def _positive(name: str, value: float | None, allow_zero: bool = False) -> None:
 )
 @click.option("--rate-scale", default=1.0, show_default=True, help="Multiply the request rate.")
 @click.option("--seed", default=0, show_default=True, help="Seed for cold starts and routing.")
-@click.option("--min-replicas", default=1, show_default=True)
+@click.option(
+    "--min-replicas",
+    default=1,
+    show_default=True,
+    help="Fewest replicas; 0 lets a policy scale to zero (requests then wait at the router).",
+)
 @click.option("--max-replicas", default=64, show_default=True)
 @click.option("--step-at", type=float, default=None, help="Time of a load step, for step metrics.")
 @click.option("--max-num-seqs", default=ReplicaModel.max_num_seqs, show_default=True)
@@ -91,9 +96,10 @@ def simulate(
     _positive("cold-start", cold_start, allow_zero=True)
     _positive("replica-capacity", replica_capacity)
     _positive("rate-scale", rate_scale)
-    if min_replicas < 1 or max_replicas < min_replicas:
+    if min_replicas < 0 or max_replicas < max(min_replicas, 1):
         raise click.BadParameter(
-            "need 1 <= --min-replicas <= --max-replicas", param_hint="--min-replicas"
+            "need 0 <= --min-replicas <= --max-replicas and --max-replicas >= 1",
+            param_hint="--min-replicas",
         )
     try:
         model = ReplicaModel(max_num_seqs=max_num_seqs, prefill_budget_tokens=prefill_budget)

@@ -6,6 +6,9 @@ the GPU worker groups), so this module never renders anything. It runs outside t
 lock: reading metrics waits on HTTP, and a scale is an ordinary spec change. Each decision goes
 to status.autoscaling and the `llama4_autoscaler_*` metrics; an event is posted only when the
 desired replicas or the kind of decision changes, so holding steady is quiet.
+
+In advisory mode (spec.autoscaling.mode: advisory) the same decision is made from the replicas
+that run and recorded the same way, as advice, and spec.replicas is never written.
 """
 
 from __future__ import annotations
@@ -44,6 +47,10 @@ _EVENT_REASONS = {
     "hold_metrics_stale": ("Warning", "AutoscalerMetricsUnavailable"),
     "hold_cooldown": ("Normal", "AutoscalerCooldown"),
     "hold": ("Normal", "AutoscalerHolding"),
+}
+_ADVISORY_EVENT_REASONS = {
+    "scale_up": ("Normal", "AutoscalerAdvisesScaleUp"),
+    "scale_down": ("Normal", "AutoscalerAdvisesScaleDown"),
 }
 
 
@@ -89,13 +96,14 @@ class Autoscaler:
         previous: Mapping[str, Any] = status.get("autoscaling") or {}
         if not spec.autoscaling.enabled:
             self.forget(namespace, name)
-            if previous.get("managesReplicas"):
+            if previous.get("managesReplicas") or previous.get("mode") == "advisory":
                 off = AutoscalingStatus(manages_replicas=False, message=OFF_MESSAGE)
                 await self.kube.patch_status(namespace, name, {"autoscaling": _patch(off)})
             return
         state = self._states.setdefault((namespace, name), AutoscalerState())
         config = policy_config(spec.autoscaling, self.interval_s)
         current = spec.replicas
+        advisory = spec.autoscaling.mode == "advisory"
         target = DeploymentTarget.of(body, spec.model.served_model_name, spec.engine.name)
         sample: MetricSample | None = None
         read_error: str | None = None
@@ -104,6 +112,10 @@ class Autoscaler:
         except MetricsUnavailable as error:
             read_error = str(error)
         now_s = self.clock()
+        if advisory and state.last_replicas is not None and current > state.last_replicas:
+            # Someone else scaled up: the cooldown after a scale-up applies to the advice too.
+            state.last_scale_up_s = now_s
+        state.last_replicas = current
         if read_error is None:
             sample = state.observe(snapshot, current, history_span_s(config))
             decision = state.decide(config, now_s, current)
@@ -112,7 +124,16 @@ class Autoscaler:
         desired = decision.desired_replicas
         now = datetime.fromtimestamp(now_s, UTC)
         last_scale = previous.get("lastScaleTime")
-        if desired != current:
+        if advisory and desired != current:
+            logger.info(
+                "autoscaling %s/%s (advisory) would scale %d -> %d: %s",
+                namespace,
+                name,
+                current,
+                desired,
+                decision.message,
+            )
+        elif desired != current:
             await self.kube.scale(namespace, name, desired)
             last_scale = _rfc3339(now)
             if desired > current:
@@ -126,7 +147,8 @@ class Autoscaler:
                 decision.message,
             )
         report = AutoscalingStatus(
-            manages_replicas=True,
+            manages_replicas=not advisory,
+            mode=spec.autoscaling.mode,
             desired_replicas=desired,
             reason=str(decision.reason),
             message=decision.message,
@@ -145,10 +167,19 @@ class Autoscaler:
             namespace,
             name,
             desired_replicas=desired,
+            current_replicas=current,
             max_replicas=config.max_replicas,
             reason=str(decision.reason),
+            advisory=advisory,
         )
-        self._announce(body, state, decision, current, warming_up=read_error is None and not sample)
+        self._announce(
+            body,
+            state,
+            decision,
+            current,
+            warming_up=read_error is None and not sample,
+            advisory=advisory,
+        )
 
     def _announce(
         self,
@@ -158,15 +189,24 @@ class Autoscaler:
         current: int,
         *,
         warming_up: bool,
+        advisory: bool,
     ) -> None:
         """An event when the desired replicas or the kind of decision changed."""
         kind = reason_class(decision, current)
-        key = (decision.desired_replicas, kind)
+        # Switching mode announces again: advice and action are different news.
+        key = (decision.desired_replicas, f"advisory {kind}" if advisory else kind)
         if warming_up or key == state.announced:
             return
         state.announced = key
-        type_, reason = _EVENT_REASONS[kind]
-        if kind in ("scale_up", "scale_down"):
+        type_, reason = (_ADVISORY_EVENT_REASONS if advisory else {}).get(
+            kind, _EVENT_REASONS[kind]
+        )
+        if advisory and kind in ("scale_up", "scale_down"):
+            message = (
+                f"advisory: would scale {current} -> {decision.desired_replicas} replicas "
+                f"({decision.reason}), spec.replicas left alone: {decision.message}"
+            )
+        elif kind in ("scale_up", "scale_down"):
             message = (
                 f"{current} -> {decision.desired_replicas} replicas ({decision.reason}): "
                 f"{decision.message}"

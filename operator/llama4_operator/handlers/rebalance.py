@@ -159,6 +159,7 @@ class Rebalancer:
             load,
             threshold=settings.balance_threshold,
             max_experts_moved=settings.migration_budget,
+            balance_slack=spec.placement.balance_slack,
         )
         if decision.rebalance:
             await self._rebalance(body, owner, current, decision, logger)

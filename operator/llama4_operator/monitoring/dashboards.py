@@ -284,6 +284,28 @@ def moe(sel: Selectors) -> Dashboard:
                     ),
                 ),
             ),
+            Panel(
+                "Autoscaler: advised vs running replicas",
+                (
+                    Target(
+                        f"{rules.DESIRED_REPLICAS}{{{sel.operator}, {BY_NAME}}}",
+                        f"{legend} advised",
+                    ),
+                    Target(
+                        f"{rules.CURRENT_REPLICAS}{{{sel.operator}, {BY_NAME}}}",
+                        f"{legend} running (spec.replicas)",
+                    ),
+                    Target(
+                        f"{rules.READY_REPLICAS}{{{sel.operator}, {BY_NAME}}}",
+                        f"{legend} ready",
+                    ),
+                ),
+                description=(
+                    "What the policy asks for against what runs. In advisory mode "
+                    "(llama4_autoscaler_advisory = 1) the gap is advice nobody applied; in "
+                    "apply mode it closes within one decision."
+                ),
+            ),
         ),
     )
 

@@ -21,6 +21,9 @@ SLOW_BURN = 6.0
 # Metrics the operator exports (llama4_operator.metrics); alerts and dashboards read these names.
 DESIRED_REPLICAS = "llama4_autoscaler_desired_replicas"  # gauge {namespace, name}
 MAX_REPLICAS = "llama4_autoscaler_max_replicas"  # gauge {namespace, name}
+# gauge {namespace, name}: spec.replicas at the autoscaler's last decision (what runs)
+CURRENT_REPLICAS = "llama4_autoscaler_current_replicas"
+ADVISORY = "llama4_autoscaler_advisory"  # gauge {namespace, name}: 1 in advisory mode
 AUTOSCALER_DECISIONS = "llama4_autoscaler_decisions_total"  # counter {namespace, name, reason}
 READY_REPLICAS = "llama4_operator_ready_replicas"  # gauge {namespace, name}
 DEPLOYMENT_GPUS = "llama4_operator_gpus"  # gauge {namespace, name}: GPUs the replicas hold

@@ -15,17 +15,18 @@ How it decides, in order:
    output lengths: if lower than the set capacity, it replaces it (`saturated_capacities`), now
    for scaling up and over the scale-down window for scaling down.
 3. Up, fast: demand = tokens/s arriving (served plus the backlog's growth, so that neither
-   saturation nor a draining backlog hides it) over `burst_window_s`, plus the rising trend of
-   the last `trend_window_s` projected `cold_start_s` ahead (at most `max_trend_gain` of the
-   current rate). While the backlog grows at every sample of `surge_window_s`, the mean over
-   that shorter window counts if higher, so a step is seen in seconds. Replicas asked for now
-   serve only after the cold start, so the backlog to clear is what waits now plus what the
-   live replicas fall short by until then; extra replicas, counted at full capacity, drain it
-   within `backlog_drain_s` of becoming ready (at most `max_drain_gain` x the arriving rate).
-   When demand exceeds `scale_up_utilization` of the live replicas' capacity (ready or
-   starting), it scales up at once, in one step, to the count that puts the arriving rate at
-   `target_utilization` plus the drain replicas: the gap between the two utilisations keeps a
-   slowly rising load from adding one replica at a time.
+   saturation nor a draining backlog hides it) over `burst_window_s`, plus the trend of the
+   last `trend_window_s` projected `cold_start_s` ahead (at most `max_trend_gain` of the
+   current rate); over 10 minutes, minute-to-minute noise mostly cancels out of the slope.
+   While the backlog grows at every sample of `surge_window_s`, the mean over that
+   shorter window counts if higher, so a step is seen in seconds. Replicas asked for now serve
+   only after the cold start, so the backlog to clear then is what waits now less what the
+   replicas asked for clear meanwhile (or plus what they fall short by), at the
+   `burst_window_s` rate: a few seconds of surge are not projected over minutes. Extra
+   replicas, counted at full capacity, drain it within `backlog_drain_s` of becoming ready (at
+   most `max_drain_gain` x the arriving rate). When demand exceeds `scale_up_utilization` of
+   the live replicas' capacity (ready or starting), it scales up at once, in one step, to the
+   count that puts the arriving rate at `target_utilization` plus the drain replicas.
 4. Down, slow: only the highest one-minute arrival rate over `scale_down_window_s` (by default
    the longer of 10 minutes and twice the cold start) counts, at `scale_down_utilization`, with
    no backlog, and not within `scale_down_cooldown_s` of the last scale-up. A replica given back
@@ -80,13 +81,13 @@ class TokenPolicyConfig:
     """Tokens/s one replica sustains within its SLO (set, or a first guess when calibrating)."""
     min_replicas: int = 1
     max_replicas: int = 64
-    scale_up_utilization: float = 0.95
-    target_utilization: float = 0.9
-    scale_down_utilization: float = 0.9
+    scale_up_utilization: float = 1.0
+    target_utilization: float = 0.95
+    scale_down_utilization: float = 0.95
     cold_start_s: float = 300.0
     burst_window_s: float = 30.0
     surge_window_s: float = 10.0
-    trend_window_s: float = 300.0
+    trend_window_s: float = 600.0
     max_trend_gain: float = 0.25
     backlog_drain_s: float = 30.0
     scale_down_window_s: float | None = None
@@ -355,11 +356,15 @@ def decide_replicas(
         arriving = max(arriving, _mean(_window(rates, now_s, config.surge_window_s)))
     trend = _trend_per_s(_window(rates, now_s, config.trend_window_s))
     gain = min(max(trend, 0.0) * config.cold_start_s, config.max_trend_gain * arriving)
-    # Replicas asked for now serve only after the cold start: the backlog then is what waits
-    # now plus what the live replicas fall short by until then. Extra replicas drain it within
-    # `backlog_drain_s` of becoming ready (at most `max_drain_gain` of the arriving rate).
-    shortfall = max(arriving - capacity_up * current_replicas, 0.0)
-    backlog_at_ready = latest.waiting_tokens + shortfall * config.cold_start_s
+    # Replicas asked for now serve only after the cold start. Until then the replicas asked
+    # for work on the backlog with their spare capacity (negative: they fall short), so a
+    # backlog they clear before a new replica could start needs none. The rate is the burst
+    # window's, not the surge's: ten seconds of burst do not last minutes. Extra replicas
+    # drain what remains within `backlog_drain_s` of becoming ready (at most
+    # `max_drain_gain` of the arriving rate).
+    sustained = _mean(_window(rates, now_s, config.burst_window_s))
+    spare = capacity_up * current_replicas - sustained
+    backlog_at_ready = max(latest.waiting_tokens - spare * config.cold_start_s, 0.0)
     drain_rate = min(backlog_at_ready / config.backlog_drain_s, config.max_drain_gain * arriving)
     projected = arriving + gain + drain_rate
     short_now = arriving + drain_rate > per_replica_trigger * current_replicas

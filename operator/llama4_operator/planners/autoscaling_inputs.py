@@ -78,6 +78,8 @@ class AutoscalerState:
     history: deque[MetricSample] = field(default_factory=deque)
     last_snapshot: ServingSnapshot | None = None
     last_scale_up_s: float | None = None
+    last_replicas: int | None = None
+    """spec.replicas at the previous decision: in advisory mode a rise is someone's scale-up."""
     announced: tuple[int, str] | None = None
     """(desired replicas, reason class) last posted as an event, so holding posts nothing."""
 

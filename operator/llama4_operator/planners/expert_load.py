@@ -15,7 +15,11 @@ from typing import Protocol
 import numpy as np
 
 from llama4_operator.api.models import CustomArchitecture
-from llama4_operator.planners.expert_placement import RebalanceDecision, decide_rebalance
+from llama4_operator.planners.expert_placement import (
+    DEFAULT_BALANCE_SLACK,
+    RebalanceDecision,
+    decide_rebalance,
+)
 from llama4_operator.planners.placement_metrics import FloatArray, Topology
 from llama4_operator.planners.serving_snapshot import counter_delta
 
@@ -88,9 +92,15 @@ def decide_on_window(
     *,
     threshold: float,
     max_experts_moved: int,
+    balance_slack: float = DEFAULT_BALANCE_SLACK,
 ) -> RebalanceDecision:
     """`decide_rebalance` for a plan as the ConfigMap holds it (lists of expert ids)."""
     current = np.asarray(phy2log, dtype=np.int64)
     return decide_rebalance(
-        current, topology, load, threshold=threshold, max_experts_moved=max_experts_moved
+        current,
+        topology,
+        load,
+        threshold=threshold,
+        max_experts_moved=max_experts_moved,
+        balance_slack=balance_slack,
     )

@@ -281,24 +281,56 @@ def layer_dispatch(
 
 
 @_compiled
-def drifted_peak(
-    copies: IntArray, source: FloatArray, factor: FloatArray, node_of: IntArray, nodes: int
+def drifted_peak(  # noqa: PLR0912
+    copies: IntArray, drifted: FloatArray, node_tokens: FloatArray, node_of: IntArray, nodes: int
 ) -> float:
-    """The busiest GPU's share of the tokens, averaged over drifted windows: in window w the
-    tokens GPU q sends to expert e are `source[e, q] * factor[w, e, node of q]`."""
-    experts, gpus = copies.shape
-    drifted = np.empty((experts, gpus), dtype=np.float64)
-    unused_load = np.zeros(experts, dtype=np.float64)
-    total = 0.0
-    for window in range(factor.shape[0]):
+    """The busiest GPU's share of the tokens under the source rule, averaged over windows:
+    `drifted[w, e, q]` is the tokens GPU q sends to expert e in window w, `node_tokens[w, e, n]`
+    their sum over node n's GPUs. Only the GPUs holding an expert are visited, which makes this
+    an order of magnitude faster than `layer_dispatch` per window."""
+    windows, experts, gpus = drifted.shape
+    node_copies = np.zeros((experts, nodes), dtype=np.int64)
+    total = np.zeros(experts, dtype=np.int64)
+    first_holder = np.zeros(experts + 1, dtype=np.int64)
+    for expert in range(experts):
+        first_holder[expert + 1] = first_holder[expert]
+        for gpu in range(gpus):
+            if copies[expert, gpu] > 0:
+                first_holder[expert + 1] += 1
+                node_copies[expert, node_of[gpu]] += copies[expert, gpu]
+                total[expert] += copies[expert, gpu]
+    holders = np.empty(first_holder[experts], dtype=np.int64)
+    for expert in range(experts):
+        position = first_holder[expert]
+        for gpu in range(gpus):
+            if copies[expert, gpu] > 0:
+                holders[position] = gpu
+                position += 1
+    gpu_load = np.zeros(gpus, dtype=np.float64)
+    pool = np.zeros(nodes, dtype=np.float64)
+    share = 0.0
+    for window in range(windows):
+        gpu_load[:] = 0.0
         for expert in range(experts):
-            for gpu in range(gpus):
-                drifted[expert, gpu] = source[expert, gpu] * factor[window, expert, node_of[gpu]]
-        gpu_load, _ = layer_dispatch(copies, drifted, unused_load, True, node_of, nodes)
+            to_all = 0.0
+            for node in range(nodes):
+                pool[node] = node_tokens[window, expert, node]
+                if node_copies[expert, node] == 0:
+                    to_all += pool[node]
+            for index in range(first_holder[expert], first_holder[expert + 1]):
+                gpu = holders[index]
+                pool[node_of[gpu]] -= drifted[window, expert, gpu]
+            spill = to_all / total[expert]
+            for index in range(first_holder[expert], first_holder[expert + 1]):
+                gpu = holders[index]
+                node = node_of[gpu]
+                gpu_load[gpu] += drifted[window, expert, gpu] + copies[expert, gpu] * (
+                    pool[node] / node_copies[expert, node] + spill
+                )
         tokens = gpu_load.sum()
         if tokens > 0:
-            total += gpu_load.max() / tokens
-    return float(total / factor.shape[0])
+            share += gpu_load.max() / tokens
+    return float(share / windows)
 
 
 @_compiled
@@ -591,3 +623,151 @@ def share_by_node_demand(
             free[node] -= take
             left[expert] -= take
     return on_node
+
+
+@_compiled
+def _redispatch(
+    experts_changed: IntArray,
+    copies: IntArray,
+    source: FloatArray,
+    load: FloatArray,
+    has_source: bool,
+    node_of: IntArray,
+    nodes: int,
+    arrival: FloatArray,
+    leaving: FloatArray,
+    gpu_load: FloatArray,
+) -> None:
+    """Bring `arrival`, `leaving` and `gpu_load` up to date after `experts_changed` moved."""
+    for expert in experts_changed:
+        gpu_load -= arrival[expert]
+        expert_dispatch(expert, copies, source, load, has_source, node_of, nodes, arrival, leaving)
+        gpu_load += arrival[expert]
+
+
+@_compiled
+def undo_moves(  # noqa: PLR0912, PLR0915
+    slots: IntArray,
+    copies: IntArray,
+    before: IntArray,
+    source: FloatArray,
+    load: FloatArray,
+    has_source: bool,
+    node_of: IntArray,
+    nodes: int,
+    peak_cap: float,
+    cross_cap: float,
+) -> int:
+    """Take back copies a plan loads onto GPUs, while the busiest GPU stays at most `peak_cap`
+    and the tokens leaving their node at most `cross_cap` (or no worse than they were, when
+    above). On a GPU that holds a copy it did not hold before (`before` [experts, gpus], the
+    previous placement's copies), an expert the GPU lost is put back: swapped with a GPU that
+    gained that expert and lost the other (two copies taken back), or alone when the replaced
+    expert keeps a copy elsewhere (one). `slots` and `copies` change in place; returns the
+    copies taken back."""
+    gpus, per_gpu = slots.shape
+    experts = copies.shape[0]
+    arrival = np.zeros((experts, gpus), dtype=np.float64)
+    leaving = np.zeros(experts, dtype=np.float64)
+    gpu_load = np.zeros(gpus, dtype=np.float64)
+    totals = np.zeros(experts, dtype=np.int64)
+    for expert in range(experts):
+        expert_dispatch(expert, copies, source, load, has_source, node_of, nodes, arrival, leaving)
+        totals[expert] = copies[expert].sum()
+        gpu_load += arrival[expert]
+    pair = np.empty(2, dtype=np.int64)
+    undone = 0
+    changed = True
+    while changed:
+        changed = False
+        for gpu in range(gpus):
+            for slot in range(per_gpu):
+                gained = slots[gpu, slot]
+                if copies[gained, gpu] <= before[gained, gpu]:
+                    continue
+                for lost in range(experts):
+                    if before[lost, gpu] <= copies[lost, gpu]:
+                        continue
+                    peak_before = max(gpu_load.max(), peak_cap)
+                    cross_before = max(leaving.sum(), cross_cap)
+                    pair[0], pair[1] = gained, lost
+                    taken = 0
+                    for other in range(gpus):
+                        if (
+                            other == gpu
+                            or copies[lost, other] <= before[lost, other]
+                            or before[gained, other] <= copies[gained, other]
+                        ):
+                            continue
+                        other_slot = 0
+                        while slots[other, other_slot] != lost:
+                            other_slot += 1
+                        slots[gpu, slot], slots[other, other_slot] = lost, gained
+                        copies[gained, gpu] -= 1
+                        copies[lost, gpu] += 1
+                        copies[lost, other] -= 1
+                        copies[gained, other] += 1
+                        _redispatch(
+                            pair, copies, source, load, has_source, node_of, nodes,
+                            arrival, leaving, gpu_load,
+                        )  # fmt: skip
+                        if gpu_load.max() <= peak_before and leaving.sum() <= cross_before:
+                            taken = 2
+                            break
+                        slots[gpu, slot], slots[other, other_slot] = gained, lost
+                        copies[gained, gpu] += 1
+                        copies[lost, gpu] -= 1
+                        copies[lost, other] += 1
+                        copies[gained, other] -= 1
+                        _redispatch(
+                            pair, copies, source, load, has_source, node_of, nodes,
+                            arrival, leaving, gpu_load,
+                        )  # fmt: skip
+                    if taken == 0 and totals[gained] > 1:
+                        slots[gpu, slot] = lost
+                        copies[gained, gpu] -= 1
+                        copies[lost, gpu] += 1
+                        _redispatch(
+                            pair, copies, source, load, has_source, node_of, nodes,
+                            arrival, leaving, gpu_load,
+                        )  # fmt: skip
+                        if gpu_load.max() <= peak_before and leaving.sum() <= cross_before:
+                            totals[gained] -= 1
+                            totals[lost] += 1
+                            taken = 1
+                        else:
+                            slots[gpu, slot] = gained
+                            copies[gained, gpu] += 1
+                            copies[lost, gpu] -= 1
+                            _redispatch(
+                                pair, copies, source, load, has_source, node_of, nodes,
+                                arrival, leaving, gpu_load,
+                            )  # fmt: skip
+                    if taken:
+                        undone += taken
+                        changed = True
+                        break
+    return undone
+
+
+@_compiled
+def global_start(load: FloatArray, counts: IntArray, gpus: int, per_gpu: int) -> IntArray:
+    """EPLB's global policy (see `eplb.global_policy`) for one layer, given the copies of each
+    expert: the copies, each weighing load / copies, balanced-packed onto the GPUs (equal up to
+    ties between copies of different experts that weigh the same). Returns slots
+    [gpus, per_gpu]."""
+    experts = len(load)
+    items = counts.sum()
+    expert_of = np.empty(items, dtype=np.int64)
+    weights = np.empty(items, dtype=np.float64)
+    position = 0
+    for expert in range(experts):
+        for _ in range(counts[expert]):
+            expert_of[position] = expert
+            weights[position] = load[expert] / counts[expert]
+            position += 1
+    gpu_of, rank_of = _balanced_packing(weights, gpus)
+    slots = np.empty((gpus, per_gpu), dtype=np.int64)
+    for item in range(items):
+        slots[gpu_of[item], rank_of[item]] = expert_of[item]
+    return slots

@@ -66,8 +66,9 @@ class SimulationSettings:
             "tpot_slo_s": self.tpot_slo_s > 0,
             "cold_start_s": self.cold_start_s >= 0,
             "cold_start_jitter": 0 <= self.cold_start_jitter < 1,
-            "min_replicas": self.min_replicas >= 1,
-            "max_replicas": self.max_replicas >= self.min_replicas,
+            # 0: scale to zero; requests then wait at the router until a replica is ready.
+            "min_replicas": self.min_replicas >= 0,
+            "max_replicas": self.max_replicas >= max(self.min_replicas, 1),
             "tick_s": 0 < self.tick_s <= 5,
             "drain_tail_s": self.drain_tail_s >= 0,
         }
