@@ -53,6 +53,7 @@ CHILD_KINDS: tuple[tuple[str, str], ...] = (
     ("v1", "ConfigMap"),
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("discovery.k8s.io/v1", "EndpointSlice"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
 )
 ZONE_LABEL = "topology.kubernetes.io/zone"
 NODE_POOL_LABEL = "llama4.dev/node-pool"

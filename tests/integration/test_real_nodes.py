@@ -315,6 +315,14 @@ def test_helm_installed_operator_runs_on_the_real_node_and_its_standby_takes_ove
         return listed.split()
 
     [ray_service] = wait_for(ray_services, 120, "the RayService the operator pod renders")
+    # The chart turns the NetworkPolicy around the Ray head on: the dashboard is the operator's.
+    policy = kubectl.get("networkpolicy", f"{name}-ray-head", MODELS_NS)
+    assert policy is not None, "no NetworkPolicy around the Ray head"
+    dashboard_rule = policy["spec"]["ingress"][1]
+    assert dashboard_rule["ports"] == [{"port": 8265, "protocol": "TCP"}]
+    assert dashboard_rule["from"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": OPERATOR_NS
+    }
 
     # Kill the acting operator (the highest peering priority), then drift: the standby repairs it.
     peers = json.loads(

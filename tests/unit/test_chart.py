@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from llama4_operator.devenv import tools
+from llama4_operator.handlers.config import ConfigError, network_policy_settings
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "llama4-operator"
@@ -260,3 +261,44 @@ def test_the_test_pod_has_no_token_and_requests_cpu() -> None:
     [pod] = by_kind(render(), "Pod")
     assert pod["spec"]["automountServiceAccountToken"] is False
     assert pod["spec"]["containers"][0]["resources"]["requests"]["cpu"]
+
+
+def test_network_policy_setting_reaches_the_operator_as_json_it_accepts() -> None:
+    clients = '[{"namespaceSelector":{"matchLabels":{"team":"apps"}}}]'
+    [deployment] = by_kind(
+        render(f"--set-json=networkPolicy.servingClients={clients}"), "Deployment"
+    )
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    [flag] = [a for a in container["args"] if a.startswith("--ray-network-policy=")]
+    settings = network_policy_settings(flag.split("=", 1)[1])
+    assert settings is not None
+    assert settings.operator_namespace == "ops"
+    assert settings.operator_pod_labels == deployment["spec"]["selector"]["matchLabels"]
+    assert settings.serving_clients == ({"namespaceSelector": {"matchLabels": {"team": "apps"}}},)
+    workloads = _rules(render(), "rel-llama4-operator-workloads")
+    for verb in ("create", "patch", "list", "delete"):
+        assert _grants(workloads, "networkpolicies", verb), verb
+    [plain] = by_kind(render("--set=networkPolicy.enabled=false"), "Deployment")
+    args = plain["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not [a for a in args if a.startswith("--ray-network-policy")]
+
+
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [
+        ("{not json", "must be JSON"),
+        ('["a"]', "must be a JSON object"),
+        ('{"operatorPodLabels": {"a": "b"}}', "operatorNamespace"),
+        ('{"operatorNamespace": "ns", "operatorPodLabels": {}}', "operatorPodLabels"),
+        ('{"operatorNamespace": "ns", "operatorPodLabels": {"a": 1}}', "operatorPodLabels"),
+        (
+            '{"operatorNamespace": "ns", "operatorPodLabels": {"a": "b"}, "servingClients": {}}',
+            "servingClients",
+        ),
+        ('{"operatorNamespace": "ns", "operatorPodLabels": {"a": "b"}, "typo": 1}', "typo"),
+    ],
+)
+def test_a_bad_network_policy_setting_is_refused_naming_the_field(value: str, named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        network_policy_settings(value)
+    assert network_policy_settings("") is None

@@ -15,12 +15,14 @@ from llama4_operator.api.models import Llama4DeploymentSpec
 from llama4_operator.planners.cluster_placement import GpuNode
 from llama4_operator.renderers.children import (
     DEPLOYMENT_LABEL,
+    METRICS_PORT,
+    NetworkPolicySettings,
     Owner,
     RayPodSettings,
     endpoint_url,
 )
 from llama4_operator.renderers.deployment import Previous, desired_state
-from llama4_operator.renderers.serving import IMPORT_PATH, parse_extra_args
+from llama4_operator.renderers.serving import ENGINE_METRICS_PORT, IMPORT_PATH, parse_extra_args
 from llama4_serving.config import ExpertPlacement, ServingConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -444,3 +446,46 @@ def test_ray_services_turn_rays_token_authentication_on_by_default() -> None:
 
     assert auth() == {"mode": "token"}
     assert auth(serving={"rayAuthentication": "disabled"}) == {"mode": "disabled"}
+
+
+POLICY = NetworkPolicySettings(
+    operator_namespace="llama4-system",
+    operator_pod_labels={"app.kubernetes.io/name": "llama4-operator"},
+)
+
+
+def test_network_policy_guards_the_ray_head_when_configured() -> None:
+    settings = replace(SETTINGS, network_policy=POLICY)
+    state = desired_state(OWNER, sample("tiny-reference"), h100_nodes(1), settings, Previous())
+    [policy] = by_kind(state.children)["NetworkPolicy"]
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"]["ray.io/node-type"] == "head"
+    assert spec["policyTypes"] == ["Ingress"]
+    own_pods, operator, serving, metrics = spec["ingress"]
+    # The deployment's own Ray pods reach every port (GCS, dashboard, object transfer).
+    assert "ports" not in own_pods
+    assert own_pods["from"] == [
+        {"podSelector": {"matchLabels": {"serving.llama4.dev/deployment": OWNER.name}}}
+    ]
+    # The operator reaches the dashboard (job submission) and nothing else.
+    assert operator["ports"] == [{"port": 8265, "protocol": "TCP"}]
+    [peer] = operator["from"]
+    assert peer["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "llama4-system"
+    }
+    assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "llama4-operator"}
+    # Anyone reaches the OpenAI port when no clients are named; the metrics ports are open.
+    assert "from" not in serving
+    assert [p["port"] for p in metrics["ports"]] == [METRICS_PORT, ENGINE_METRICS_PORT]
+    assert all(p["port"] not in (6379, 8265) for rule in (serving, metrics) for p in rule["ports"])
+    # Without the setting (and in external-Ray mode) no policy is rendered.
+    plain = desired_state(OWNER, sample("tiny-reference"), h100_nodes(1), SETTINGS, Previous())
+    assert "NetworkPolicy" not in by_kind(plain.children)
+
+
+def test_network_policy_limits_the_openai_port_to_the_named_clients() -> None:
+    clients = ({"namespaceSelector": {"matchLabels": {"team": "apps"}}},)
+    settings = replace(SETTINGS, network_policy=replace(POLICY, serving_clients=clients))
+    state = desired_state(OWNER, sample("tiny-reference"), h100_nodes(1), settings, Previous())
+    serving = by_kind(state.children)["NetworkPolicy"][0]["spec"]["ingress"][2]
+    assert serving["from"] == [dict(clients[0])]

@@ -113,6 +113,17 @@ from llama4_operator.handlers import config as operator_config
     help="Seconds between autoscaling decisions of each deployment with autoscaling enabled.",
 )
 @click.option(
+    "--ray-network-policy",
+    metavar="JSON",
+    envvar=operator_config.ENV_RAY_NETWORK_POLICY,
+    help=(
+        "Render a NetworkPolicy around each RayService's head: only the deployment's own Ray "
+        "pods reach every port, the operator's pods the dashboard, servingClients (NetworkPolicy "
+        "peers; empty: anyone) the OpenAI port, anyone the metrics ports. JSON: "
+        f"{operator_config.NETWORK_POLICY_EXAMPLE}. Omitted: no policy."
+    ),
+)
+@click.option(
     "--liveness-port",
     type=click.IntRange(0, 65535),
     default=0,
@@ -154,6 +165,7 @@ def operator_command(
     prometheus_url: str | None,
     autoscale_interval: float,
     liveness_port: int,
+    ray_network_policy: str | None,
 ) -> None:
     """Run the Llama4Deployment operator against a cluster until interrupted."""
     if namespaces and all_namespaces:
@@ -169,6 +181,7 @@ def operator_command(
         operator_config.ENV_REBALANCE_TICK: str(rebalance_tick),
         operator_config.ENV_PROMETHEUS_URL: prometheus_url or "",
         operator_config.ENV_AUTOSCALE_INTERVAL: str(autoscale_interval),
+        operator_config.ENV_RAY_NETWORK_POLICY: ray_network_policy or "",
     }
     if kubeconfig:
         settings[operator_config.ENV_KUBECONFIG] = os.path.abspath(kubeconfig)

@@ -3,10 +3,13 @@ its flags before the handlers are imported; the Helm chart sets them on the Depl
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
+
+from llama4_operator.renderers.children import NetworkPolicySettings
 
 ENV_IMAGE = "LLAMA4_SERVING_IMAGE"
 ENV_RAY_VERSION = "LLAMA4_RAY_VERSION"
@@ -20,6 +23,7 @@ ENV_ACCELERATOR = "LLAMA4_RAY_ACCELERATOR_RESOURCE"
 ENV_REBALANCE_TICK = "LLAMA4_REBALANCE_TICK_SECONDS"
 ENV_PROMETHEUS_URL = "LLAMA4_PROMETHEUS_URL"
 ENV_AUTOSCALE_INTERVAL = "LLAMA4_AUTOSCALE_INTERVAL_SECONDS"
+ENV_RAY_NETWORK_POLICY = "LLAMA4_RAY_NETWORK_POLICY"
 
 DEFAULT_IMAGE = "llama4-serving:0.1.0"
 DEFAULT_RESYNC_S = 60.0
@@ -58,6 +62,8 @@ class OperatorConfig:
     prometheus_url: str | None = None
     """Where the autoscaler reads serving metrics; None: straight from the replicas."""
     autoscale_interval_s: float = DEFAULT_AUTOSCALE_INTERVAL_S
+    ray_network_policy: NetworkPolicySettings | None = None
+    """A NetworkPolicy around each RayService's head; None: none rendered."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -92,7 +98,55 @@ class OperatorConfig:
             autoscale_interval_s=_seconds(
                 env, ENV_AUTOSCALE_INTERVAL, DEFAULT_AUTOSCALE_INTERVAL_S
             ),
+            ray_network_policy=network_policy_settings(env.get(ENV_RAY_NETWORK_POLICY) or ""),
         )
+
+
+NETWORK_POLICY_EXAMPLE = (
+    '{"operatorNamespace": "llama4-system", "operatorPodLabels": '
+    '{"app.kubernetes.io/name": "llama4-operator"}, "servingClients": []}'
+)
+
+
+def network_policy_settings(text: str) -> NetworkPolicySettings | None:
+    """`--ray-network-policy`'s JSON, checked field by field; empty: no policy."""
+    if not text.strip():
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise ConfigError(
+            f"{ENV_RAY_NETWORK_POLICY} must be JSON such as {NETWORK_POLICY_EXAMPLE}: {error}"
+        ) from error
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"{ENV_RAY_NETWORK_POLICY} must be a JSON object: {NETWORK_POLICY_EXAMPLE}"
+        )
+    namespace = value.get("operatorNamespace")
+    labels = value.get("operatorPodLabels")
+    clients = value.get("servingClients", [])
+    if not isinstance(namespace, str) or not namespace:
+        raise ConfigError(
+            f"{ENV_RAY_NETWORK_POLICY}: operatorNamespace must name the operator's namespace"
+        )
+    if (
+        not isinstance(labels, dict)
+        or not labels
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())
+    ):
+        raise ConfigError(
+            f"{ENV_RAY_NETWORK_POLICY}: operatorPodLabels must be a non-empty map of the "
+            "operator pods' labels (strings)"
+        )
+    if not isinstance(clients, list) or not all(isinstance(peer, dict) for peer in clients):
+        raise ConfigError(
+            f"{ENV_RAY_NETWORK_POLICY}: servingClients must be a list of NetworkPolicy peers "
+            '(e.g. [{"namespaceSelector": {...}}]); empty: any client'
+        )
+    unknown = set(value) - {"operatorNamespace", "operatorPodLabels", "servingClients"}
+    if unknown:
+        raise ConfigError(f"{ENV_RAY_NETWORK_POLICY}: unknown fields {sorted(unknown)}")
+    return NetworkPolicySettings(namespace, dict(labels), tuple(clients))
 
 
 def _seconds(env: Mapping[str, str], name: str, default: float) -> float:

@@ -215,6 +215,7 @@ class Reconciler:
             image=self.config.image,
             ray_version=self.config.ray_version,
             accelerator_resource=self.config.accelerator_resource,
+            network_policy=self.config.ray_network_policy,
         )
         return desired_state(
             owner,

@@ -58,12 +58,24 @@ class Owner:
 
 
 @dataclass(frozen=True)
+class NetworkPolicySettings:
+    """Who may reach a deployment's Ray head besides its own pods: the operator's pods (the
+    dashboard port only) and, on the OpenAI port, `serving_clients` (NetworkPolicy peers; empty:
+    any client). Metrics ports stay open to scrapers."""
+
+    operator_namespace: str
+    operator_pod_labels: Mapping[str, str]
+    serving_clients: tuple[Mapping[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
 class RayPodSettings:
     """Operator-wide settings of the Ray pods."""
 
     image: str
     ray_version: str
     accelerator_resource: str = "GPU"
+    network_policy: NetworkPolicySettings | None = None
     head_cpu: str = "2"
     head_memory: str = "8Gi"
     worker_cpu_per_gpu: int = 8
@@ -300,6 +312,49 @@ def _retired(live: Sequence[Mapping[str, Any]], wanted: set[str]) -> list[Object
     return retired
 
 
+def render_network_policy(owner: Owner, policy: NetworkPolicySettings) -> Object:
+    """Ingress to the Ray head: its job-submission API (the dashboard) and GCS can run code on
+    the cluster, so only the deployment's own Ray pods reach every port, the operator reaches
+    the dashboard, clients the OpenAI port, scrapers the metrics ports."""
+    serving: Object = {"ports": [{"port": SERVE_HTTP_PORT, "protocol": "TCP"}]}
+    if policy.serving_clients:
+        serving["from"] = [dict(peer) for peer in policy.serving_clients]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(owner, f"{owner.name}-ray-head", "network-policy"),
+        "spec": {
+            "podSelector": {
+                "matchLabels": {DEPLOYMENT_LABEL: owner.name, "ray.io/node-type": "head"}
+            },
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": {DEPLOYMENT_LABEL: owner.name}}}]},
+                {
+                    "from": [
+                        {
+                            "namespaceSelector": {
+                                "matchLabels": {
+                                    "kubernetes.io/metadata.name": policy.operator_namespace
+                                }
+                            },
+                            "podSelector": {"matchLabels": dict(policy.operator_pod_labels)},
+                        }
+                    ],
+                    "ports": [{"port": DASHBOARD_PORT, "protocol": "TCP"}],
+                },
+                serving,
+                {
+                    "ports": [
+                        {"port": METRICS_PORT, "protocol": "TCP"},
+                        {"port": ENGINE_METRICS_PORT, "protocol": "TCP"},
+                    ]
+                },
+            ],
+        },
+    }
+
+
 def render_endpoint_service(owner: Owner, spec: Llama4DeploymentSpec) -> Object:
     """The OpenAI-compatible endpoint: the Serve proxy on the Ray head."""
     return {
@@ -472,6 +527,8 @@ def render_children(
         children.append(render_metrics_service(owner))
         if service_monitor:
             children.append(render_service_monitor(owner, spec))
+        if settings.network_policy is not None:
+            children.append(render_network_policy(owner, settings.network_policy))
         children.append(
             render_ray_service(
                 owner,
