@@ -489,3 +489,15 @@ def test_network_policy_limits_the_openai_port_to_the_named_clients() -> None:
     state = desired_state(OWNER, sample("tiny-reference"), h100_nodes(1), settings, Previous())
     serving = by_kind(state.children)["NetworkPolicy"][0]["spec"]["ingress"][2]
     assert serving["from"] == [dict(clients[0])]
+
+
+def test_ray_containers_get_a_writable_home(maverick_state: Any) -> None:
+    """Restricted pods run as a user without a home directory; Ray Serve LLM writes its caches
+    under HOME (found on a real node: PermissionError on /.cache)."""
+    [service] = by_kind(maverick_state.children)["RayService"]
+    cluster = service["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"]]
+    templates += [group["template"] for group in cluster["workerGroupSpecs"]]
+    for template in templates:
+        [container] = template["spec"]["containers"]
+        assert {"name": "HOME", "value": "/tmp"} in container["env"]

@@ -177,6 +177,9 @@ def _pod_template(
             {
                 "name": container,
                 "image": spec.engine.image or settings.image,
+                # The pods run as a user the image does not know, so HOME would be `/`, which
+                # is not writable: Ray Serve LLM and torch keep their caches under HOME.
+                "env": [{"name": "HOME", "value": "/tmp"}],
                 "resources": resources,
                 "ports": ports,
                 "volumeMounts": mounts,
