@@ -131,3 +131,16 @@ class DeploymentsApi:
         )
         items: list[Json] = json.loads(response.data)["items"]
         return items
+
+
+def helm(kubeconfig: Path, *args: str, timeout_s: float = 300) -> str:
+    """The pinned helm against a cluster; fails the test with helm's message."""
+    result = subprocess.run(
+        [str(devtools.tool("helm").binary()), f"--kubeconfig={kubeconfig}", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    assert result.returncode == 0, f"helm {' '.join(args)} failed: {result.stderr}"
+    return result.stdout + result.stderr

@@ -21,9 +21,9 @@ import pytest
 import yaml
 from prometheus_server import PrometheusApi, prometheus
 
-from llama4_operator.devenv import tools as devtools
 from llama4_operator.devenv.cluster import LocalCluster, free_port
 from support import CRD, LLAMA4CTL, REPO, Kubectl, wait_for
+from support import helm as support_helm
 
 pytestmark = pytest.mark.cluster
 
@@ -46,15 +46,7 @@ NAMESPACED_KINDS = (
 
 
 def helm(cluster: LocalCluster, *args: str) -> str:
-    result = subprocess.run(
-        [str(devtools.tool("helm").binary()), f"--kubeconfig={cluster.kubeconfig}", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, f"helm {' '.join(args)} failed: {result.stderr}"
-    return result.stdout + result.stderr
+    return support_helm(cluster.kubeconfig, *args, timeout_s=120)
 
 
 def service_account_kubeconfig(cluster: LocalCluster, token: str, path: Path) -> Path:

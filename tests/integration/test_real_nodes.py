@@ -17,10 +17,10 @@ import pytest
 import yaml
 
 from llama4_operator.devenv import images, real_nodes
-from llama4_operator.devenv import tools as devtools
 from llama4_operator.devenv.cluster import ClusterConfig, LocalCluster
 from llama4_operator.devenv.nodes import GPU_PRODUCT_LABEL, NodePool
 from support import REPO, Kubectl, wait_for
+from support import helm as support_helm
 
 pytestmark = pytest.mark.cluster
 
@@ -246,15 +246,7 @@ OPERATOR_LABEL = f"app.kubernetes.io/instance={RELEASE}"
 
 
 def helm(cluster: LocalCluster, *args: str) -> str:
-    result = subprocess.run(
-        [str(devtools.tool("helm").binary()), f"--kubeconfig={cluster.kubeconfig}", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, f"helm {' '.join(args)} failed: {result.stderr}"
-    return result.stdout + result.stderr
+    return support_helm(cluster.kubeconfig, *args)
 
 
 def operator_pods(kubectl: Kubectl) -> list[dict[str, Any]]:

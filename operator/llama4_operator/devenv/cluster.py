@@ -460,7 +460,7 @@ class LocalCluster:
             real_nodes.create_cgroup_parent(node)
             self._start_real_node(tools, state, node, archives)
             started.append(node)
-        self.wait_for_real_nodes(len(started))
+        self.wait_for_nodes(len(started), real=True)
 
     def _start_real_node(
         self,
@@ -610,22 +610,6 @@ class LocalCluster:
                     )
                 time.sleep(0.5)
 
-    def wait_for_real_nodes(self, expected: int) -> None:
-        deadline = time.monotonic() + self.config.start_timeout_s
-        with self.console.status(f"waiting for {expected} real nodes to be Ready ...") as status:
-            while True:
-                ready = [n for n in self.nodes(real=True) if n["ready"] and n["gpus"] > 0]
-                status.update(f"waiting for real nodes to be Ready: {len(ready)}/{expected}")
-                if len(ready) >= expected:
-                    break
-                if time.monotonic() > deadline:
-                    raise ClusterError(
-                        f"only {len(ready)} of {expected} real nodes became Ready with GPUs; "
-                        f"see the kubelet logs in {self.directory / 'logs'}"
-                    )
-                time.sleep(0.5)
-        self.console.log(f"[green]✓[/] {expected} real node(s) Ready (kubelet, containerd)")
-
     def _start_kuberay(self, kuberay: devtools.Tool, state: dict[str, Any]) -> None:
         from kubernetes import utils  # noqa: PLC0415  (the client is only needed once up)
 
@@ -744,21 +728,28 @@ class LocalCluster:
             list(pool.map(core.create_node, manifests))
         self.wait_for_nodes(len(manifests))
 
-    def wait_for_nodes(self, expected: int) -> None:
+    def wait_for_nodes(self, expected: int, *, real: bool = False) -> None:
+        """Until `expected` simulated (or real) nodes are Ready; real ones also advertise GPUs."""
+        kind = "real" if real else "simulated"
         deadline = time.monotonic() + max(self.config.start_timeout_s, expected * 0.2)
-        with self.console.status(f"waiting for {expected} nodes to be Ready ...") as status:
+        with self.console.status(f"waiting for {expected} {kind} nodes to be Ready ...") as status:
             while True:
-                ready = sum(node["ready"] for node in self.nodes())
-                status.update(f"waiting for nodes to be Ready: {ready}/{expected}")
+                ready = sum(
+                    n["ready"] and (n["gpus"] > 0 or not real) for n in self.nodes(real=real)
+                )
+                status.update(f"waiting for {kind} nodes to be Ready: {ready}/{expected}")
                 if ready >= expected:
                     break
                 if time.monotonic() > deadline:
+                    logs = self.directory / "logs"
                     raise ClusterError(
-                        f"only {ready} of {expected} simulated nodes became Ready; "
-                        f"see {self.directory / 'logs' / 'kwok.log'}"
+                        f"only {ready} of {expected} {kind} nodes became Ready"
+                        + (" with GPUs; see the kubelet logs in " if real else "; see ")
+                        + str(logs if real else logs / "kwok.log")
                     )
                 time.sleep(0.5)
-        self.console.log(f"[green]✓[/] {expected} simulated GPU nodes Ready")
+        what = "real node(s) Ready (kubelet, containerd)" if real else "simulated GPU nodes Ready"
+        self.console.log(f"[green]✓[/] {expected} {what}")
 
     def wait_established(self, crds: Sequence[str], timeout_s: float = 60) -> None:
         """Poll until each CRD (plural.group) serves its kind: a CRD just created has no
