@@ -113,6 +113,10 @@ class _GenerationRequest(_Request):
             raise ValueError("stop takes up to 4 non-empty strings")
         return value
 
+    def token_limit(self) -> int | None:
+        """How many tokens to generate at most; None: up to the context length."""
+        return self.max_tokens
+
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
@@ -121,7 +125,7 @@ class _GenerationRequest(_Request):
 
 class CompletionRequest(_GenerationRequest):
     prompt: str | list[int] | list[str]
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
 
     @field_validator("prompt")
     @classmethod
@@ -138,6 +142,7 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
     def token_limit(self) -> int | None:
+        # OpenAI's newer name for the limit wins over the deprecated `max_tokens`.
         return self.max_completion_tokens or self.max_tokens
 
 

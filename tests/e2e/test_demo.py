@@ -1,11 +1,12 @@
 """The README's main job, `llama4ctl dev demo`, as a user runs it (detached, so the test can
 look around and then stop it the way the README says): the tiny model, served by the default
-engine (vLLM), answers OpenAI requests through the endpoint the demo printed, the operator (two
-Helm-installed pods from the image built here, on the cluster's real kubelet node) reports it
-Ready and placed, the demo's load makes the autoscaler add a replica (read from
-Prometheus, which scrapes the operator and Ray's metrics agents), and `cluster down` leaves no
-process behind, Ray's included. It runs where a user's shell holds a Ray token file, which makes
-Ray turn token authentication on by itself unless told otherwise."""
+engine (vLLM) in a RayService whose Ray head and worker pods run on the cluster's real kubelet
+node from the Ray image built here, answers OpenAI requests through the endpoint the demo
+printed (the deployment's Service); the operator (two Helm-installed pods from the image built
+here, on the same node) reports it Ready and placed, the demo's load makes the autoscaler add a
+replica (read from Prometheus, which scrapes the operator and the Ray pods), and `cluster down`
+leaves no process behind, the containers' included. It runs where a user's shell holds a Ray
+token file, which a Ray on the host would act on: the demo must not depend on it."""
 
 from __future__ import annotations
 
@@ -21,15 +22,13 @@ from typing import Any
 import pytest
 from openai import OpenAI
 
+from llama4_operator.devenv import real_nodes
 from llama4_operator.devenv.cluster import CLUSTER_ENV, ClusterConfig, LocalCluster
 from llama4_operator.devenv.demo import NAMESPACE, SUMMARY_FILE
 from llama4_operator.devenv.local_prometheus import target_health
-from llama4_operator.devenv.local_ray import RayClusterStarter
 from support import llama4ctl, wait_for
 
 pytestmark = pytest.mark.cluster
-
-RAY_PROCESS_NAMES = ("raylet", "gcs_server", "ray start", "ray::", "dashboard")
 
 
 def _processes() -> dict[int, tuple[str, Path, bytes]]:
@@ -56,6 +55,16 @@ def _started_by(directory: Path) -> dict[int, str]:
         for pid, (command, cwd, environment) in _processes().items()
         if cwd == directory.resolve() or marker in environment.split(b"\0")
     }
+
+
+def _pods(cluster: str, namespace: str, selector: str) -> list[dict[str, Any]]:
+    listed = llama4ctl(
+        "dev", "kubectl", "--name", cluster, "get", "pods", "-n", namespace, "-l", selector,
+        "-o", "json",
+    )  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    pods: list[dict[str, Any]] = json.loads(listed.stdout)["items"]
+    return [pod for pod in pods if not pod["metadata"].get("deletionTimestamp")]
 
 
 def _real_nodes(directory: Path) -> list[dict[str, Any]]:
@@ -98,12 +107,13 @@ def a_user_environment_with_a_ray_token(directory: Path) -> dict[str, str]:
     return env
 
 
+# The demo builds and loads the Ray image and starts two vLLM engines: past the suite's 900 s.
+@pytest.mark.timeout(1800)
 def test_demo_serves_the_tiny_model_and_stops_cleanly(tmp_path: Path) -> None:
     name = f"demo-{uuid.uuid4().hex[:6]}"
     cluster = LocalCluster(ClusterConfig(name=name))
     directory = cluster.directory
-    ray_temp_dir = RayClusterStarter(cluster).temp_dir
-    ray_pids: dict[int, str] = {}
+    container_pids: set[int] = set()
     try:
         demo = llama4ctl(
             "dev", "demo", "--name", name, "--detach", "--load-seconds", "20",
@@ -152,16 +162,28 @@ def test_demo_serves_the_tiny_model_and_stops_cleanly(tmp_path: Path) -> None:
         )  # fmt: skip
         assert events.stdout.strip(), "no ScaledUp event on the tiny deployment"
         # The operator runs as pods on the real node, from the image the demo built and loaded.
-        pods = json.loads(
-            llama4ctl(
-                "dev", "kubectl", "--name", name, "get", "pods", "-n", "llama4-system",
-                "-l", "app.kubernetes.io/instance=llama4-operator", "-o", "json",
-            ).stdout
-        )["items"]  # fmt: skip
+        pods = _pods(name, "llama4-system", "app.kubernetes.io/instance=llama4-operator")
         assert len(pods) == 2
         assert {pod["spec"]["nodeName"] for pod in pods} == {"real-node-0"}
         assert {pod["status"]["phase"] for pod in pods} == {"Running"}
         assert pods[0]["spec"]["containers"][0]["image"].startswith("llama4.dev/llama4-operator:")
+        # So do the Ray pods of its RayService: a head and a worker per replica, from the Ray
+        # image the demo built.
+        ray_pods = _pods(name, NAMESPACE, "serving.llama4.dev/deployment=tiny")
+        roles = sorted(pod["metadata"]["labels"]["ray.io/node-type"] for pod in ray_pods)
+        assert roles == ["head", "worker", "worker"], roles
+        assert {pod["spec"]["nodeName"] for pod in ray_pods} == {"real-node-0"}
+        images = {pod["spec"]["containers"][0]["image"] for pod in ray_pods}
+        assert len(images) == 1
+        assert images.pop().startswith("llama4.dev/llama4-serving:")
+        ray_service = json.loads(
+            llama4ctl(
+                "dev", "kubectl", "--name", name, "get", "rayservice", "tiny", "-n", NAMESPACE,
+                "-o", "json",
+            ).stdout
+        )  # fmt: skip
+        kuberay = {c["type"]: c["status"] for c in ray_service["status"]["conditions"]}
+        assert kuberay["Ready"] == "True"
         assert "Running on" in demo.stderr
         real_node_state = [Path(record["directory"]) for record in _real_nodes(directory)]
         assert real_node_state
@@ -172,27 +194,26 @@ def test_demo_serves_the_tiny_model_and_stops_cleanly(tmp_path: Path) -> None:
         assert placed
         assert set(placed) <= nodes
 
-        # The operator, and Ray's metrics agents, which export the vLLM engine's series.
+        # The operator, and the Ray pods' metrics agents, which export the vLLM engine's series.
         for job in ("llama4-operator", "ray"):
             wait_for(
                 lambda job=job: "up" in target_health(summary["prometheus_url"]).get(job, []),
                 60,
                 f"Prometheus to scrape {job}",
             )
-        ray_pids = {
-            pid: command
-            for pid, command in _started_by(directory).items()
-            if any(word in command for word in RAY_PROCESS_NAMES)
+        container_pids = {
+            pid
+            for record in _real_nodes(directory)
+            for pid in real_nodes.cgroup_processes(real_nodes.node_from_record(record))
         }
-        assert ray_pids, "the demo's Ray processes carry no mark of the cluster"
+        commands = {_processes().get(pid, ("",))[0] for pid in container_pids}
+        assert any("raylet" in command for command in commands), "no raylet in the node's pods"
     finally:
         down = llama4ctl("dev", "cluster", "down", "--name", name)
     assert down.returncode == 0, down.stderr
     assert not cluster.running_processes()
     assert not _started_by(directory), "processes of the demo outlived `cluster down`"
-    now = _processes()
-    still_running = {pid: cmd for pid, cmd in ray_pids.items() if now.get(pid, ("",))[0] == cmd}
-    assert not still_running, still_running
+    still_running = [pid for pid in container_pids if Path(f"/proc/{pid}").exists()]
+    assert not still_running, f"container processes outlived `cluster down`: {still_running}"
     assert not directory.exists()
-    assert not ray_temp_dir.exists()
     assert not [path for path in real_node_state if path.exists()]

@@ -17,6 +17,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from fake_kube import FakeKube
 from llama4_operator import metrics
 from llama4_operator.api.models import AutoscalingSpec
 from llama4_operator.handlers.autoscale import OFF_MESSAGE, Autoscaler
@@ -288,7 +289,7 @@ def test_vllm_queries_read_vllms_series_per_engine_replica(tmp_path: Path) -> No
         "d4": 'model_name="another-model"',
     }
 
-    def inputs(metric: str, value: dict[str, float]) -> list[dict[str, str]]:
+    def inputs(metric: str, value: Mapping[str, float]) -> list[dict[str, str]]:
         return [
             {
                 "series": f'{metric}{{instance="agent:8080",ReplicaId="{r}",{labels}}}',
@@ -373,22 +374,6 @@ class FakeSource:
         return item
 
 
-class FakeKube:
-    def __init__(self) -> None:
-        self.scaled: list[int] = []
-        self.statuses: list[dict[str, Any]] = []
-        self.events: list[tuple[str, str, str]] = []
-
-    async def scale(self, namespace: str, name: str, replicas: int) -> None:
-        self.scaled.append(replicas)
-
-    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        self.statuses.append(status)
-
-    def post_event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
-        self.events.append((type_, reason, message))
-
-
 class Clock:
     def __init__(self) -> None:
         self.now = 1000.0
@@ -397,7 +382,9 @@ class Clock:
         return self.now
 
 
-def deployment(replicas: int, status: dict[str, Any] | None = None, **autoscaling: Any) -> dict:
+def deployment(
+    replicas: int, status: dict[str, Any] | None = None, **autoscaling: Any
+) -> dict[str, Any]:
     settings = {
         "enabled": True,
         "minReplicas": 1,
@@ -421,7 +408,7 @@ def deployment(replicas: int, status: dict[str, Any] | None = None, **autoscalin
 def make(interval_s: float = 2.0) -> tuple[Autoscaler, FakeSource, FakeKube, Clock]:
     source, kube, clock = FakeSource(), FakeKube(), Clock()
     metrics.forget_autoscaler(NS, NAME)
-    return Autoscaler(kube, source, interval_s, clock), source, kube, clock  # type: ignore[arg-type]
+    return Autoscaler(kube, source, interval_s, clock), source, kube, clock
 
 
 def exported(metric: str, **labels: str) -> float | None:
@@ -441,11 +428,11 @@ def test_load_above_capacity_scales_up_and_records_the_decision() -> None:
     # 1 replica of 100 tokens/s; 300 tokens/s arrive: two snapshots 2 s apart give one sample.
     source.script = [snap(clock.now, a_1=(0, 0, 0)), snap(clock.now + 2, a_1=(400, 200, 0))]
     tick(autoscaler, deployment(1))
-    assert kube.scaled == []
+    assert kube.scales == []
     assert kube.events == []  # the first reading only starts the history
     clock.now += 2
     tick(autoscaler, deployment(1))
-    assert kube.scaled == [3]  # 300 tokens/s at 80% of 100 each: 4, capped at max 3
+    assert kube.scales == [3]  # 300 tokens/s at 80% of 100 each: 4, capped at max 3
     assert source.routed == {False}  # the autoscaler never asks for the per-expert series
     report = kube.statuses[-1]["autoscaling"]
     assert report["managesReplicas"] is True
@@ -475,7 +462,7 @@ def test_advisory_mode_records_the_advice_and_changes_nothing() -> None:
     for _ in range(4):
         tick(autoscaler, deployment(1, mode="advisory"))
         clock.now += 2
-    assert kube.scaled == []  # spec.replicas is never written
+    assert kube.scales == []  # spec.replicas is never written
     report = kube.statuses[-1]["autoscaling"]
     assert report["managesReplicas"] is False
     assert report["mode"] == "advisory"
@@ -500,7 +487,7 @@ def test_advice_honours_the_cooldown_after_someone_else_scales_up() -> None:
         tick(autoscaler, deployment(1 if i < 15 else 2, mode="advisory"))
         reasons.append(kube.statuses[-1]["autoscaling"]["reason"])
         clock.now += 2
-    assert kube.scaled == []
+    assert kube.scales == []
     # For the 20 s scale-down delay after the hand-made scale-up, no scale-down is advised.
     assert reasons[14] == "clamp_min"  # idle at 1: nothing to give back
     assert reasons[15:26] == ["hold_cooldown"] * 11
@@ -513,7 +500,7 @@ def test_switching_advisory_to_apply_acts_on_the_advice() -> None:
     for mode in ("advisory", "advisory", "apply"):
         tick(autoscaler, deployment(1, mode=mode))
         clock.now += 2
-    assert kube.scaled == [3]
+    assert kube.scales == [3]
     assert kube.statuses[-1]["autoscaling"]["managesReplicas"] is True
     assert kube.statuses[-1]["autoscaling"]["mode"] == "apply"
     assert [e[1] for e in kube.events] == ["AutoscalerAdvisesScaleUp", "ScaledUp"]
@@ -526,7 +513,7 @@ def test_missing_metrics_hold_with_the_reason_and_warn_once() -> None:
     for _ in range(3):
         tick(autoscaler, deployment(2))
         clock.now += 2
-    assert kube.scaled == []
+    assert kube.scales == []
     report = kube.statuses[-1]["autoscaling"]
     assert report["reason"] == "hold_metrics_stale"
     assert report["desiredReplicas"] == 2
@@ -542,10 +529,10 @@ def test_idle_deployment_never_scales_to_zero() -> None:
     replicas = 2
     for _ in range(30):
         tick(autoscaler, deployment(replicas, minReplicas=0))
-        replicas = kube.scaled[-1] if kube.scaled else replicas
+        replicas = kube.scales[-1] if kube.scales else replicas
         clock.now += 2
     # Idle past the scale-down delay: one replica given back, never the last one.
-    assert kube.scaled == [1]
+    assert kube.scales == [1]
     assert all(s["autoscaling"]["desiredReplicas"] >= 1 for s in kube.statuses)
     assert ("Normal", "ScaledDown") in [e[:2] for e in kube.events]
 
@@ -554,7 +541,7 @@ def test_replicas_outside_the_bounds_are_clamped_even_without_metrics() -> None:
     autoscaler, source, kube, _ = make()
     source.script = [MetricsUnavailable("down")]
     tick(autoscaler, deployment(5, maxReplicas=2))
-    assert kube.scaled == [2]
+    assert kube.scales == [2]
     assert kube.statuses[-1]["autoscaling"]["reason"] == "clamp_max"
 
 
@@ -564,7 +551,7 @@ def test_autoscaling_off_leaves_replicas_alone_and_says_so_once() -> None:
     tick(autoscaler, deployment(4, status=owned, enabled=False))
     tick(autoscaler, deployment(4, enabled=False))
     assert source.reads == 0
-    assert kube.scaled == []
+    assert kube.scales == []
     (status,) = kube.statuses
     assert status["autoscaling"]["managesReplicas"] is False
     assert status["autoscaling"]["message"] == OFF_MESSAGE
@@ -576,7 +563,7 @@ def test_turning_off_an_advisory_autoscaler_clears_its_advice() -> None:
     advised = {"autoscaling": {"managesReplicas": False, "mode": "advisory", "desiredReplicas": 3}}
     tick(autoscaler, deployment(1, status=advised, enabled=False, mode="advisory"))
     assert source.reads == 0
-    assert kube.scaled == []
+    assert kube.scales == []
     (status,) = kube.statuses
     assert status["autoscaling"]["mode"] is None
     assert status["autoscaling"]["desiredReplicas"] is None

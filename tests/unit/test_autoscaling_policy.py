@@ -42,7 +42,7 @@ def _steady(
     """Samples of a flat load: 90% of tokens are prompt, 10% generated."""
     return [
         MetricSample(t, 0.9 * rate, 0.1 * rate, waiting, replicas, replicas)
-        for t in np.arange(start + every, end + every / 2, every)
+        for t in np.arange(start + every, end + every / 2, every).tolist()
     ]
 
 
@@ -102,7 +102,7 @@ def test_rising_load_is_met_ahead_of_the_cold_start() -> None:
     # Rising by 2 tokens/s every second: in 300 s of cold start, 600 tokens/s more.
     samples = [
         MetricSample(t, 0.9 * (2000 + 2 * t), 0.1 * (2000 + 2 * t), 0.0, 4, 4)
-        for t in np.arange(5.0, 600.0, 5.0)
+        for t in np.arange(5.0, 600.0, 5.0).tolist()
     ]
     now = float(samples[-1].time_s)
     rate_now = 2000 + 2 * now
@@ -321,7 +321,7 @@ def test_a_three_minute_swing_is_not_taken_for_a_ramp() -> None:
 
     samples = [
         MetricSample(t, 0.9 * level(t), 0.1 * level(t), 0.0, 4, 4)
-        for t in np.arange(5.0, 1205.0, 5.0)
+        for t in np.arange(5.0, 1205.0, 5.0).tolist()
     ]
     # Over the default 10 minutes the slope is shallow: 3700 plus its projection stays
     # within the 4000 tokens/s of 4 replicas.

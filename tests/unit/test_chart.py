@@ -14,7 +14,16 @@ import pytest
 import yaml
 
 from llama4_operator.devenv import tools
-from llama4_operator.handlers.config import ConfigError, network_policy_settings
+from llama4_operator.handlers.config import (
+    ENV_RAY_CPU_LIMIT,
+    ENV_RAY_HEAD_CPU,
+    ENV_RAY_HEAD_MEMORY,
+    ENV_RAY_WORKER_CPU_PER_GPU,
+    ENV_RAY_WORKER_MEMORY_PER_GPU,
+    ConfigError,
+    OperatorConfig,
+    network_policy_settings,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "llama4-operator"
@@ -67,6 +76,9 @@ def test_helm_lint_passes(flags: tuple[str, ...]) -> None:
         ("--set=metrics.serviceMonitor.enable=true", "enable"),  # typo of enabled
         ("--set=metrics.port=http", "/metrics/port"),  # wrong type
         ("--set=image.pullPolicy=Sometimes", "/image/pullPolicy"),
+        ("--set=operator.rayPods.head.cpu=2 cores", "/operator/rayPods/head/cpu"),
+        ("--set=operator.rayPods.workerPerGpu.memory=64GB", "/operator/rayPods/workerPerGpu"),
+        ("--set=operator.rayPods.workerPerGpu.memry=1Gi", "memry"),
     ],
 )
 def test_schema_rejects_typos_and_wrong_types_naming_the_value(flag: str, named: str) -> None:
@@ -302,3 +314,67 @@ def test_a_bad_network_policy_setting_is_refused_naming_the_field(value: str, na
     with pytest.raises(ConfigError, match=named):
         network_policy_settings(value)
     assert network_policy_settings("") is None
+
+
+RAY_POD_FLAGS = {
+    "--ray-head-cpu": ENV_RAY_HEAD_CPU,
+    "--ray-head-memory": ENV_RAY_HEAD_MEMORY,
+    "--ray-worker-cpu-per-gpu": ENV_RAY_WORKER_CPU_PER_GPU,
+    "--ray-worker-memory-per-gpu": ENV_RAY_WORKER_MEMORY_PER_GPU,
+}
+
+
+def _ray_pod_sizes(*flags: str) -> dict[str, str]:
+    """The Ray pod sizes the chart passes the operator, by environment variable."""
+    [deployment] = by_kind(render(*flags), "Deployment")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    sizes = {}
+    for arg in args:
+        flag, _, value = arg.partition("=")
+        if flag in RAY_POD_FLAGS:
+            sizes[RAY_POD_FLAGS[flag]] = value
+    return sizes
+
+
+def test_ray_pod_sizes_reach_the_operator_as_flags_it_accepts() -> None:
+    defaults = _ray_pod_sizes()
+    assert defaults == {
+        ENV_RAY_HEAD_CPU: "2",
+        ENV_RAY_HEAD_MEMORY: "8Gi",
+        ENV_RAY_WORKER_CPU_PER_GPU: "8",
+        ENV_RAY_WORKER_MEMORY_PER_GPU: "64Gi",
+    }
+    small = _ray_pod_sizes(
+        "--set=operator.rayPods.head.cpu=500m",
+        "--set=operator.rayPods.head.memory=2Gi",
+        "--set=operator.rayPods.workerPerGpu.cpu=0.25",  # a number in values.yaml
+        "--set=operator.rayPods.workerPerGpu.memory=1536Mi",
+    )
+    assert small == {
+        ENV_RAY_HEAD_CPU: "500m",
+        ENV_RAY_HEAD_MEMORY: "2Gi",
+        ENV_RAY_WORKER_CPU_PER_GPU: "0.25",
+        ENV_RAY_WORKER_MEMORY_PER_GPU: "1536Mi",
+    }
+    config = OperatorConfig.from_env(small)
+    assert (config.ray_head_cpu, config.ray_head_memory) == ("500m", "2Gi")
+    assert (config.ray_worker_cpu_per_gpu, config.ray_worker_memory_per_gpu) == ("0.25", "1536Mi")
+    assert OperatorConfig.from_env(defaults).ray_worker_memory_per_gpu == "64Gi"
+
+
+def _container_args(*flags: str) -> list[str]:
+    [deployment] = by_kind(render(*flags), "Deployment")
+    args: list[str] = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    return args
+
+
+def test_the_ray_cpu_limit_value_reaches_the_operator_as_its_flag() -> None:
+    assert "--ray-cpu-limit" in _container_args()
+    args = _container_args("--set=operator.rayPods.cpuLimit=false")
+    assert "--no-ray-cpu-limit" in args
+    assert "--ray-cpu-limit" not in args
+    env = {ENV_RAY_CPU_LIMIT: "false"}
+    assert OperatorConfig.from_env(env).ray_cpu_limit is False
+    assert OperatorConfig.from_env({}).ray_cpu_limit is True
+    with pytest.raises(ConfigError, match=ENV_RAY_CPU_LIMIT):
+        OperatorConfig.from_env({ENV_RAY_CPU_LIMIT: "sometimes"})

@@ -11,7 +11,10 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from llama4_operator.devenv import pki, tools
+from llama4_operator.api.models import Llama4DeploymentSpec
+from llama4_operator.devenv import pki, real_nodes, tools
+from llama4_operator.devenv.demo import WEIGHTS_CLAIM, on_real_node, tiny_manifest, weights_volume
+from llama4_operator.devenv.local_prometheus import ScrapeTargets, prometheus_config
 from llama4_operator.devenv.nodes import (
     GPU_MEMORY_LABEL,
     GPU_PRODUCT_LABEL,
@@ -21,6 +24,7 @@ from llama4_operator.devenv.nodes import (
     node_manifests,
     parse_pool,
 )
+from llama4_operator.renderers.children import MODELS_MOUNT_PATH
 
 UPSTREAM_GO_MOD = """module k8s.io/kubernetes
 
@@ -180,3 +184,49 @@ def test_every_ray_the_dev_environment_starts_says_its_authentication_mode() -> 
     from llama4_operator.devenv.local_ray import RAY_ENV
 
     assert RAY_ENV["RAY_AUTH_MODE"] == "disabled"
+
+
+def test_cluster_dns_wrapper_bind_mounts_a_resolv_conf_naming_coredns(tmp_path: Path) -> None:
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text(real_nodes.resolv_conf("10.250.3.1"))
+    assert resolv.read_text().splitlines()[0] == "nameserver 10.250.3.1"
+    assert "search svc.cluster.local cluster.local" in resolv.read_text()
+    command = real_nodes.with_resolv_conf(resolv, ["kuberay", "--flag=x"])
+    # The mount is private to the command's own mount namespace; the command runs as given.
+    assert command[:4] == ["unshare", "--mount", "--propagation=private", "--"]
+    script = command[command.index("-c") + 1]
+    assert 'mount --bind "$0" /etc/resolv.conf' in script
+    assert command[-3:] == [str(resolv), "kuberay", "--flag=x"]
+
+
+def test_prometheus_finds_ray_pods_through_the_metrics_services_dns_names() -> None:
+    targets = ScrapeTargets(
+        operator=Path("/tmp/operator-targets.json"),
+        namespace="llama4-demo",
+        ray_pod_dns_names=("tiny-metrics.llama4-demo.svc.cluster.local",),
+    )
+    jobs = {job["job_name"]: job for job in prometheus_config(targets, [])["scrape_configs"]}
+    [discovery] = jobs["ray"]["dns_sd_configs"]
+    assert discovery == {
+        "names": ["tiny-metrics.llama4-demo.svc.cluster.local"],
+        "type": "A",
+        "port": 8080,
+        "refresh_interval": "10s",
+    }
+    assert jobs["llama4-operator"]["file_sd_configs"] == [{"files": ["/tmp/operator-targets.json"]}]
+
+
+def test_the_demo_pins_its_ray_pods_to_the_real_node_and_reads_weights_from_a_claim(
+    tmp_path: Path,
+) -> None:
+    manifest = on_real_node(tiny_manifest(tmp_path / "model", vocab_size=300))
+    spec = Llama4DeploymentSpec.model_validate(manifest["spec"])
+    assert spec.model.weights.volume_claim_name == WEIGHTS_CLAIM
+    assert spec.model.weights.uri == MODELS_MOUNT_PATH
+    assert spec.resources.node_selector == {real_nodes.REAL_NODE_LABEL: "true"}
+    volume, claim = weights_volume(tmp_path / "model", "llama4-demo")
+    assert volume["spec"]["hostPath"] == {"path": str(tmp_path / "model"), "type": "Directory"}
+    assert volume["spec"]["claimRef"] == {"namespace": "llama4-demo", "name": WEIGHTS_CLAIM}
+    assert claim["metadata"] == {"name": WEIGHTS_CLAIM, "namespace": "llama4-demo"}
+    assert claim["spec"]["volumeName"] == volume["metadata"]["name"]
+    assert volume["spec"]["accessModes"] == claim["spec"]["accessModes"] == ["ReadOnlyMany"]

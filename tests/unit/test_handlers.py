@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Collection, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,72 +16,28 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from fake_kube import FakeKube
 from llama4_operator import metrics
 from llama4_operator.cli.operator_main import operator_command
-from llama4_operator.handlers.config import OperatorConfig
+from llama4_operator.handlers.config import (
+    ENV_ACCELERATOR,
+    ENV_RAY_HEAD_CPU,
+    ENV_RAY_HEAD_MEMORY,
+    ENV_RAY_WORKER_CPU_PER_GPU,
+    ENV_RAY_WORKER_MEMORY_PER_GPU,
+    ConfigError,
+    OperatorConfig,
+)
 from llama4_operator.handlers.reconcile import Reconciler
+from llama4_operator.handlers.status import RayWorkerPod
 from llama4_operator.planners.cluster_placement import GpuNode
 from llama4_operator.ray_dashboard import RayAuthenticationError, RayDashboard
+from llama4_operator.renderers.children import RayPodSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 LOG = logging.getLogger("test")
 CONFIG = OperatorConfig(image="llama4-serving:test", ray_version="2.60.0")
 START = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-class FakeKube:
-    """An in-memory stand-in for `llama4_operator.kube.Kube`."""
-
-    def __init__(self, nodes: list[GpuNode]) -> None:
-        self.nodes = nodes
-        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
-        self.applied: list[str] = []
-        self.statuses: list[dict[str, Any]] = []
-        self.events: list[tuple[str, str, str]] = []
-        self.crds: set[str] = set()
-        self.fail_with: Exception | None = None
-
-    async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
-        if self.fail_with is not None:
-            raise self.fail_with
-        key = (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
-        previous = self.objects.get(key, {})
-        # Like server-side apply of an object with a status subresource: status is kept.
-        self.objects[key] = {
-            **obj,
-            **({"status": previous["status"]} if "status" in previous else {}),
-        }
-        self.applied.append(f"{obj['kind']}/{obj['metadata']['name']}")
-        return obj
-
-    async def get(self, api_version: str, kind: str, namespace: str, name: str) -> Any:
-        return self.objects.get((kind, namespace, name))
-
-    async def prune_children(
-        self, namespace: str, owner: str, owner_uid: str, keep: Collection[tuple[str, str]]
-    ) -> list[str]:
-        gone = [
-            key
-            for key, obj in self.objects.items()
-            if key[1] == namespace
-            and obj["metadata"]["labels"].get("serving.llama4.dev/deployment") == owner
-            and (key[0], key[2]) not in keep
-        ]
-        for key in gone:
-            del self.objects[key]
-        return [f"{k[0]}/{k[2]}" for k in gone]
-
-    async def gpu_nodes(self, owner_namespace: str, owner: str) -> list[GpuNode]:
-        return self.nodes
-
-    async def crd_exists(self, name: str) -> bool:
-        return name in self.crds
-
-    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        self.statuses.append(status)
-
-    def post_event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
-        self.events.append((type_, reason, message))
 
 
 def h100_hosts(count: int, gpus: int = 8) -> list[GpuNode]:
@@ -97,8 +52,10 @@ def body(sample: str, status: dict[str, Any] | None = None, **changes: Any) -> d
     return dict(document)
 
 
-def run(reconciler: Reconciler, obj: dict[str, Any]) -> None:
-    asyncio.run(reconciler.reconcile(obj, LOG))
+def run(
+    reconciler: Reconciler, obj: dict[str, Any], workers: list[RayWorkerPod] | None = None
+) -> None:
+    asyncio.run(reconciler.reconcile(obj, LOG, workers))
 
 
 def conditions(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -198,6 +155,111 @@ def test_a_scale_up_keeps_the_deployment_ready_on_the_replicas_already_up() -> N
     )
     assert found["Progressing"]["status"] == "True"
     assert (status["replicas"], status["readyReplicas"]) == (2, 1)  # the new one is starting
+    new_events = kube.events[events_before:]
+    assert not [e for e in new_events if e[0] == "Warning"], new_events
+
+
+def test_a_scale_up_kuberay_has_not_read_yet_counts_only_the_replicas_already_up() -> None:
+    # Right after the operator writes num_replicas 2, the RayService still says RUNNING (the
+    # old config's); its observedGeneration shows KubeRay has not read the change.
+    kube = FakeKube(h100_hosts(2))
+    reconciler = Reconciler(kube, CONFIG, clock=lambda: START)
+    run(reconciler, body("maverick"))
+    ray_service = kube.objects[("RayService", "llm", "maverick")]
+    healthy = {"status": "HEALTHY"}
+    ray_service["status"] = {
+        "observedGeneration": 1,
+        "activeServiceStatus": {
+            "applicationStatuses": {
+                "maverick": {
+                    "status": "RUNNING",
+                    "serveDeploymentStatuses": {"OpenAIIngress": healthy, "LLMServer": healthy},
+                }
+            }
+        },
+    }
+    run(reconciler, body("maverick", status=kube.statuses[-1]))
+    assert kube.statuses[-1]["readyReplicas"] == 1
+
+    run(reconciler, body("maverick", status=kube.statuses[-1], replicas=2))
+    ray_service = kube.objects[("RayService", "llm", "maverick")]
+    assert ray_service["metadata"]["generation"] == 2
+    status = kube.statuses[-1]
+    found = conditions(status)
+    assert (status["replicas"], status["readyReplicas"]) == (2, 1)
+    assert found["Ready"]["status"] == "True"
+    assert "has not applied generation 2" in found["Ready"]["message"]
+    assert found["Progressing"]["status"] == "True"
+
+    ray_service["status"]["observedGeneration"] = 2  # read, and Serve reports both running
+    run(reconciler, body("maverick", status=kube.statuses[-1], replicas=2))
+    assert kube.statuses[-1]["readyReplicas"] == 2
+
+
+def test_a_lost_ray_worker_pod_degrades_the_deployment_until_kuberay_replaces_it() -> None:
+    # Serve (through KubeRay) still says RUNNING for a minute after a worker pod is killed;
+    # the operator's pod index shows the loss at once.
+    kube = FakeKube(h100_hosts(2))
+    reconciler = Reconciler(kube, CONFIG, clock=lambda: START)
+    run(reconciler, body("maverick", replicas=2))
+    kube.objects[("RayService", "llm", "maverick")]["status"] = {
+        "activeServiceStatus": {"applicationStatuses": {"maverick": {"status": "RUNNING"}}}
+    }
+    both = [RayWorkerPod("w-0", "r0-w0", ready=True), RayWorkerPod("w-1", "r1-w0", ready=True)]
+    run(reconciler, body("maverick", status=kube.statuses[-1], replicas=2), both)
+    found = conditions(kube.statuses[-1])
+    assert (found["Ready"]["status"], found["Degraded"]["status"]) == ("True", "False")
+    assert kube.statuses[-1]["readyReplicas"] == 2
+
+    # Replica 1's pod is gone and its replacement not Ready yet: one replica serves.
+    replacing = [both[0], RayWorkerPod("w-1-new", "r1-w0", ready=False)]
+    run(reconciler, body("maverick", status=kube.statuses[-1], replicas=2), replacing)
+    status = kube.statuses[-1]
+    found = conditions(status)
+    assert status["readyReplicas"] == 1
+    assert found["Ready"]["status"] == "True"
+    assert (found["Degraded"]["status"], found["Degraded"]["reason"]) == ("True", "RayWorkerLost")
+    assert (
+        "replica 1: worker group r1-w0 has no Ready pod (w-1-new not Ready)"
+        in (found["Degraded"]["message"])
+    )
+    assert found["Progressing"]["status"] == "True"
+    assert ("Warning", "RayWorkerLost") in {(t, r) for t, r, _ in kube.events}
+
+    # Every replica's worker lost: not ready.
+    run(reconciler, body("maverick", status=status, replicas=2), [])
+    found = conditions(kube.statuses[-1])
+    assert (found["Ready"]["status"], found["Ready"]["reason"]) == ("False", "RayWorkerLost")
+    assert kube.statuses[-1]["readyReplicas"] == 0
+
+    # Replaced: back to Ready with both, not degraded.
+    run(reconciler, body("maverick", status=kube.statuses[-1], replicas=2), both)
+    found = conditions(kube.statuses[-1])
+    assert (found["Ready"]["status"], found["Degraded"]["status"]) == ("True", "False")
+    assert kube.statuses[-1]["readyReplicas"] == 2
+
+
+def test_the_worker_pod_of_a_replica_being_added_is_starting_not_lost() -> None:
+    kube = FakeKube(h100_hosts(2))
+    reconciler = Reconciler(kube, CONFIG, clock=lambda: START)
+    run(reconciler, body("maverick"))
+    kube.objects[("RayService", "llm", "maverick")]["status"] = {
+        "activeServiceStatus": {"applicationStatuses": {"maverick": {"status": "RUNNING"}}}
+    }
+    first = RayWorkerPod("w-0", "r0-w0", ready=True)
+    run(reconciler, body("maverick", status=kube.statuses[-1]), [first])
+    assert kube.statuses[-1]["readyReplicas"] == 1
+
+    events_before = len(kube.events)
+    _ray_service_scaling(kube, "UPSCALING")
+    starting = RayWorkerPod("w-1", "r1-w0", ready=False)
+    run(reconciler, body("maverick", status=kube.statuses[-1], replicas=2), [first, starting])
+    status = kube.statuses[-1]
+    found = conditions(status)
+    assert status["readyReplicas"] == 1
+    assert found["Ready"]["status"] == "True"
+    assert (found["Degraded"]["status"], found["Degraded"]["reason"]) == ("False", "AsExpected")
+    assert found["Progressing"]["status"] == "True"
     new_events = kube.events[events_before:]
     assert not [e for e in new_events if e[0] == "Warning"], new_events
 
@@ -553,8 +615,13 @@ def test_operator_help_lists_its_options() -> None:
         "--metrics-port",
         "--external-ray-dashboard",
         "--kubeconfig",
+        "--ray-head-cpu",
+        "--ray-head-memory",
+        "--ray-worker-cpu-per-gpu",
+        "--ray-worker-memory-per-gpu",
     ):
         assert option in result.output
+    assert "small dev nodes" in result.output
 
 
 def test_operator_refuses_conflicting_namespace_flags() -> None:
@@ -575,3 +642,77 @@ def test_operator_fails_fast_on_unusable_credentials(tmp_path: Path) -> None:
     result = CliRunner().invoke(operator_command, ["--kubeconfig", str(empty)])
     assert result.exit_code != 0
     assert "cannot load Kubernetes credentials" in result.output
+
+
+SIZES = {
+    ENV_RAY_HEAD_CPU: "500m",
+    ENV_RAY_HEAD_MEMORY: "2Gi",
+    ENV_RAY_WORKER_CPU_PER_GPU: "250m",
+    ENV_RAY_WORKER_MEMORY_PER_GPU: "1536Mi",
+}
+
+
+def test_ray_pod_sizes_default_to_the_renderers_defaults_and_are_read_from_the_environment() -> (
+    None
+):
+    config = OperatorConfig.from_env({})
+    defaults = RayPodSettings(image="x", ray_version="2")
+    assert (config.ray_head_cpu, config.ray_head_memory) == ("2", "8Gi")
+    assert (config.ray_worker_cpu_per_gpu, config.ray_worker_memory_per_gpu) == ("8", "64Gi")
+    assert (config.ray_head_cpu, config.ray_head_memory) == (
+        defaults.head_cpu,
+        defaults.head_memory,
+    )
+    assert (config.ray_worker_cpu_per_gpu, config.ray_worker_memory_per_gpu) == (
+        defaults.worker_cpu_per_gpu,
+        defaults.worker_memory_per_gpu,
+    )
+    sized = OperatorConfig.from_env(SIZES)
+    assert (sized.ray_head_cpu, sized.ray_head_memory) == ("500m", "2Gi")
+    assert (sized.ray_worker_cpu_per_gpu, sized.ray_worker_memory_per_gpu) == ("250m", "1536Mi")
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "flag"),
+    [
+        (ENV_RAY_HEAD_CPU, "2 cores", "--ray-head-cpu"),
+        (ENV_RAY_HEAD_CPU, "0", "--ray-head-cpu"),
+        (ENV_RAY_HEAD_CPU, "-1", "--ray-head-cpu"),
+        (ENV_RAY_WORKER_CPU_PER_GPU, "0.0005", "--ray-worker-cpu-per-gpu"),  # half a millicore
+        (ENV_RAY_HEAD_MEMORY, "8GB", "--ray-head-memory"),
+        (ENV_RAY_HEAD_MEMORY, "8", "--ray-head-memory"),  # 8 bytes: the unit is missing
+        (ENV_RAY_WORKER_MEMORY_PER_GPU, "100m", "--ray-worker-memory-per-gpu"),  # 0.1 bytes
+    ],
+)
+def test_a_bad_ray_pod_size_is_refused_naming_the_flag_and_the_fix(
+    env: str, value: str, flag: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"^{flag} \\({env}\\) must be a (CPU|memory) quantity"):
+        OperatorConfig.from_env({env: value})
+    result = CliRunner().invoke(operator_command, [f"{flag}={value}"])
+    assert result.exit_code != 0
+    assert flag in result.output
+    assert "such as" in result.output
+    from_env = CliRunner().invoke(operator_command, [], env={env: value})
+    assert from_env.exit_code != 0
+    assert flag in from_env.output
+
+
+def test_the_reconciler_sizes_the_ray_pods_and_declares_a_custom_accelerator() -> None:
+    config = OperatorConfig.from_env(SIZES | {ENV_ACCELERATOR: "fake_gpu"})
+    kube = FakeKube(h100_hosts(1))
+    run(Reconciler(kube, config, clock=lambda: START), body("maverick"))
+    cluster = kube.objects[("RayService", "llm", "maverick")]["spec"]["rayClusterConfig"]
+    [head] = cluster["headGroupSpec"]["template"]["spec"]["containers"]
+    assert head["resources"]["limits"] == {"cpu": "500m", "memory": "2Gi"}
+    assert head["resources"]["requests"] == head["resources"]["limits"]
+    [group] = cluster["workerGroupSpecs"]
+    [worker] = group["template"]["spec"]["containers"]
+    # Maverick takes 8 GPUs: 8 x 250m and 8 x 1536Mi.
+    assert worker["resources"]["limits"] == {
+        "cpu": "2",
+        "memory": "12Gi",
+        "nvidia.com/gpu": "8",
+    }
+    assert worker["resources"]["requests"] == worker["resources"]["limits"]
+    assert group["rayStartParams"] == {"num-gpus": "0", "resources": "'{\"fake_gpu\":8}'"}

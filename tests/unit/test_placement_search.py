@@ -124,7 +124,11 @@ def test_global_start_is_eplb_global(topology: Topology) -> None:
 
 
 def _undo(
-    topology: Topology, slots: np.ndarray, previous: np.ndarray, source: np.ndarray, caps: tuple
+    topology: Topology,
+    slots: np.ndarray,
+    previous: np.ndarray,
+    source: np.ndarray,
+    caps: tuple[float, float],
 ) -> tuple[np.ndarray, int]:
     experts = source.shape[0]
     result = slots.copy()

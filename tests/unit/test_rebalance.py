@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import pytest
 import yaml
 from kopf._core.intents.handlers import TimerHandler  # no public name for the type
 
+from fake_kube import FakeKube
 from llama4_operator import metrics
 from llama4_operator.handlers.config import ENV_REBALANCE_TICK, ConfigError, OperatorConfig
 from llama4_operator.handlers.rebalance import Rebalancer
@@ -39,64 +39,6 @@ NOW = datetime(2026, 1, 1, tzinfo=UTC)
 MAVERICK_MOE_LAYERS = list(range(1, 48, 2))  # every second of 48 layers
 EXPERTS = 128
 INSTANCE = "10.0.0.7:8090"
-
-
-def merge_patch(target: dict[str, Any], patch: Mapping[str, Any]) -> None:
-    """RFC 7386, as the API server applies a status merge patch."""
-    for key, value in patch.items():
-        if value is None:
-            target.pop(key, None)
-        elif isinstance(value, Mapping) and isinstance(target.get(key), dict):
-            merge_patch(target[key], value)
-        else:
-            target[key] = json.loads(json.dumps(value))
-
-
-class FakeKube:
-    """An in-memory stand-in for `llama4_operator.kube.Kube` holding one Llama4Deployment."""
-
-    def __init__(self, body: dict[str, Any]) -> None:
-        self.body = body
-        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
-        self.events: list[tuple[str, str, str]] = []
-        self.status_patches: list[dict[str, Any]] = []
-
-    async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
-        self.objects[(obj["kind"], obj["metadata"]["name"])] = json.loads(json.dumps(obj))
-        return obj
-
-    async def get(self, api_version: str, kind: str, namespace: str, name: str) -> Any:
-        return self.objects.get((kind, name))
-
-    async def prune_children(
-        self, namespace: str, owner: str, owner_uid: str, keep: Collection[tuple[str, str]]
-    ) -> list[str]:
-        return []
-
-    async def gpu_nodes(self, owner_namespace: str, owner: str) -> list[GpuNode]:
-        return [GpuNode("gpu-0", "NVIDIA-H100-80GB-HBM3", 81559, 8)]
-
-    async def crd_exists(self, name: str) -> bool:
-        return False
-
-    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        self.status_patches.append(status)
-        merge_patch(self.body.setdefault("status", {}), status)
-
-    async def scale(self, namespace: str, name: str, replicas: int) -> None:
-        raise AssertionError("the rebalance loop never scales")
-
-    def post_event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
-        self.events.append((type_, reason, message))
-
-    def plan(self) -> ExpertPlacement:
-        text = self.objects[("ConfigMap", "maverick-expert-placement")]["data"]
-        return ExpertPlacement.model_validate_json(text["expert-placement.json"])
-
-    def serve_application(self) -> dict[str, Any]:
-        serve = self.objects[("RayService", "maverick")]["spec"]["serveConfigV2"]
-        (application,) = yaml.safe_load(serve)["applications"]
-        return dict(application)
 
 
 class FakeSource:
@@ -154,7 +96,9 @@ class Loop:
         document["spec"]["placement"]["rebalance"].update(rebalance)
         document["metadata"].update({"namespace": "llm", "uid": "uid-1", "generation": 1})
         self.body: dict[str, Any] = document
-        self.kube = FakeKube(self.body)
+        self.kube = FakeKube(
+            [GpuNode("gpu-0", "NVIDIA-H100-80GB-HBM3", 81559, 8)], deployment=self.body
+        )
         self.reconciler = Reconciler(self.kube, CONFIG, clock=lambda: NOW)
         self.source = FakeSource()
         self.clock = Clock()
@@ -163,7 +107,7 @@ class Loop:
         )
         metrics.forget("llm", "maverick")  # each test counts from zero
         asyncio.run(self.reconciler.reconcile(self.body, LOG))
-        self.kube.status_patches.clear()
+        self.kube.statuses.clear()
         self.kube.events.clear()
         self.interval = float(self.body["spec"]["placement"]["rebalance"]["intervalSeconds"])
 
@@ -172,8 +116,20 @@ class Loop:
         if reading is not None:
             self.source.readings.append(reading)
         decision = asyncio.run(self.rebalancer.check(self.body, LOG))
+        assert self.kube.scales == [], "the rebalance loop never scales"
         self.clock.seconds += self.interval
         return decision
+
+    def plan(self) -> ExpertPlacement:
+        """The expert plan in the placement ConfigMap."""
+        text = self.kube.objects[("ConfigMap", "llm", "maverick-expert-placement")]["data"]
+        return ExpertPlacement.model_validate_json(text["expert-placement.json"])
+
+    def serve_application(self) -> dict[str, Any]:
+        """The one Serve application of the RayService's serve config."""
+        serve = self.kube.objects[("RayService", "llm", "maverick")]["spec"]["serveConfigV2"]
+        (application,) = yaml.safe_load(serve)["applications"]
+        return dict(application)
 
     def measure(self, window: np.ndarray) -> RebalanceDecision | None:
         """Start a window at zero and end it with `window` routed."""
@@ -191,18 +147,18 @@ class Loop:
 
 def test_skewed_load_is_rebalanced_into_the_config_map_engine_config_status_and_event() -> None:
     loop = Loop()
-    before = loop.kube.plan()
-    args_before = json.dumps(loop.kube.serve_application()["args"])
+    before = loop.plan()
+    args_before = json.dumps(loop.serve_application()["args"])
     decision = loop.measure(skewed_load(before))
     assert decision is not None
     assert decision.rebalance, decision.reason
     assert decision.planned_balance >= decision.current_balance + 0.01
     assert 0 < decision.experts_moved <= 8  # the sample's migration budget
-    after = loop.kube.plan()
+    after = loop.plan()
     assert after.version == before.version + 1
     assert after.phy2log == decision.phy2log.tolist()  # type: ignore[union-attr]
     # The reconciliation rendered it into LLMServer's user_config; args are untouched.
-    application = loop.kube.serve_application()
+    application = loop.serve_application()
     assert application["deployments"][0]["user_config"]["placement"] == after.model_dump()
     assert json.dumps(application["args"]) == args_before
     placement = loop.body["status"]["placement"]
@@ -222,7 +178,7 @@ def test_skewed_load_is_rebalanced_into_the_config_map_engine_config_status_and_
     assert balance == pytest.approx(decision.planned_balance)
     # A resync keeps the measured plan and its measured balance.
     asyncio.run(loop.reconciler.reconcile(loop.body, LOG))
-    assert loop.kube.plan() == after
+    assert loop.plan() == after
     assert loop.body["status"]["placement"]["measuredBalance"] == placement["measuredBalance"]
     metrics.forget("llm", "maverick")
     assert loop.rebalances() == 0.0
@@ -232,7 +188,7 @@ def test_skewed_load_is_rebalanced_into_the_config_map_engine_config_status_and_
 def test_the_migration_budget_bounds_the_moves(budget: int, rebalanced: bool) -> None:
     # 2 moves over 24 layers cannot gain the 0.01 of balance a rebalance must bring.
     loop = Loop(migrationBudget=budget)
-    before = loop.kube.plan()
+    before = loop.plan()
     decision = loop.measure(skewed_load(before))
     assert decision is not None
     assert decision.rebalance is rebalanced
@@ -241,17 +197,17 @@ def test_the_migration_budget_bounds_the_moves(budget: int, rebalanced: bool) ->
         assert loop.body["status"]["placement"]["lastExpertsMoved"] <= budget
     else:
         assert f"within {budget} moves" in decision.reason
-        assert loop.kube.plan() == before
+        assert loop.plan() == before
 
 
 def test_balance_above_the_threshold_is_left_alone() -> None:
     loop = Loop(balanceThreshold=0.05)
-    before = loop.kube.plan()
+    before = loop.plan()
     decision = loop.measure(skewed_load(before))
     assert decision is not None
     assert not decision.rebalance
     assert "at or above 0.050" in decision.reason
-    assert loop.kube.plan() == before
+    assert loop.plan() == before
     assert loop.kube.events == []
     placement = loop.body["status"]["placement"]
     assert placement["rebalanceMessage"] == decision.reason
@@ -260,24 +216,24 @@ def test_balance_above_the_threshold_is_left_alone() -> None:
 
 def test_uniform_load_is_no_reason_to_move_experts() -> None:
     loop = Loop()
-    before = loop.kube.plan()
+    before = loop.plan()
     decision = loop.measure(np.full((24, EXPERTS), 500.0))
     assert decision is not None
     assert not decision.rebalance
     assert decision.current_balance > 0.8
-    assert loop.kube.plan() == before
+    assert loop.plan() == before
     assert loop.rebalances() == 0.0
 
 
 def test_missing_metrics_change_nothing_and_are_said_once() -> None:
     loop = Loop()
-    before = loop.kube.plan()
+    before = loop.plan()
     for _ in range(3):
         assert loop.tick(MetricsUnavailable("Prometheus at http://prom:9090: timed out")) is None
-    assert loop.kube.plan() == before
+    assert loop.plan() == before
     assert loop.kube.events == []
     # One status patch with the reason, not one per tick.
-    assert loop.kube.status_patches == [
+    assert loop.kube.statuses == [
         {
             "placement": {
                 "rebalanceMessage": "serving metrics unavailable: Prometheus at "
@@ -292,11 +248,11 @@ def test_missing_metrics_change_nothing_and_are_said_once() -> None:
 
 def test_too_few_tokens_keep_the_window_open() -> None:
     loop = Loop()
-    before = loop.kube.plan()
+    before = loop.plan()
     sparse = skewed_load(before) / 100.0  # far below 200 tokens per GPU and layer
     assert loop.tick(counters(np.zeros_like(sparse))) is None
     assert loop.tick(counters(sparse)) is None
-    assert loop.kube.plan() == before
+    assert loop.plan() == before
     # The next reading adds to the same window, which is then enough.
     decision = loop.tick(counters(sparse * 101.0))
     assert decision is not None
@@ -313,21 +269,21 @@ def test_checks_wait_for_the_interval() -> None:
 
 def test_disabled_rebalancing_reads_nothing() -> None:
     loop = Loop(enabled=False)
-    before = loop.kube.plan()
+    before = loop.plan()
     assert loop.tick() is None
     assert loop.tick() is None
     assert loop.source.targets == []
-    assert loop.kube.plan() == before
+    assert loop.plan() == before
 
 
 def test_vllm_deployments_are_left_to_vllms_own_balancer() -> None:
     loop = Loop(engine="vllm")
-    before = loop.kube.plan()
+    before = loop.plan()
     assert loop.tick() is None
     assert loop.tick() is None
     assert loop.source.targets == []  # no reading: vLLM exports no per-expert load
-    assert loop.kube.plan() == before
-    assert loop.kube.status_patches == []
+    assert loop.plan() == before
+    assert loop.kube.statuses == []
 
 
 def test_the_rebalance_tick_setting_is_checked() -> None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from kubernetes.utils import parse_quantity as kubernetes_parse_quantity
 from ray.serve.schema import ServeDeploySchema
 
 from llama4_operator.api.models import Llama4DeploymentSpec
@@ -22,6 +24,7 @@ from llama4_operator.renderers.children import (
     endpoint_url,
 )
 from llama4_operator.renderers.deployment import Previous, desired_state
+from llama4_operator.renderers.quantities import format_quantity, parse_quantity
 from llama4_operator.renderers.serving import ENGINE_METRICS_PORT, IMPORT_PATH, parse_extra_args
 from llama4_serving.config import ExpertPlacement, ServingConfig
 
@@ -137,7 +140,9 @@ def test_serve_config_carries_a_valid_serving_config(maverick_state: Any) -> Non
     assert config.batching == maverick_state.serving.batching
     assert config.engine_args["tensor_parallel_size"] == 8
     assert config.engine_args["enable_expert_parallel"] is True
-    assert config.engine_args["eplb_config"]["num_redundant_experts"] == 16
+    eplb_config = config.engine_args["eplb_config"]
+    assert isinstance(eplb_config, dict)
+    assert eplb_config["num_redundant_experts"] == 16
     assert config.engine_args["quantization"] == "fp8"
     assert config.architecture.num_local_experts == 128
     assert config.architecture.interleave_moe_layer_step == 2
@@ -501,3 +506,118 @@ def test_ray_containers_get_a_writable_home(maverick_state: Any) -> None:
     for template in templates:
         [container] = template["spec"]["containers"]
         assert {"name": "HOME", "value": "/tmp"} in container["env"]
+
+
+def _cluster(settings: RayPodSettings, spec: Llama4DeploymentSpec) -> Any:
+    state = desired_state(OWNER, spec, h100_nodes(1), settings, Previous())
+    (ray_service,) = by_kind(state.children)["RayService"]
+    return ray_service["spec"]["rayClusterConfig"]
+
+
+def scout_on_two_gpus() -> Llama4DeploymentSpec:
+    """Scout in fp8 needs 2 x H100 per replica (docs/fit-check.md): one worker on 2 GPUs."""
+    body = yaml.safe_load((ROOT / "manifests" / "samples" / "scout.yaml").read_text())["spec"]
+    body["model"]["quantization"] = "fp8"
+    return Llama4DeploymentSpec.model_validate(body)
+
+
+def _resources(template: dict[str, Any]) -> dict[str, Any]:
+    [container] = template["spec"]["containers"]
+    resources: dict[str, Any] = container["resources"]
+    return resources
+
+
+def test_ray_pods_default_sizes_are_unchanged(maverick_state: Any) -> None:
+    (ray_service,) = by_kind(maverick_state.children)["RayService"]
+    cluster = ray_service["spec"]["rayClusterConfig"]
+    head = {"cpu": "2", "memory": "8Gi"}
+    assert _resources(cluster["headGroupSpec"]["template"]) == {"requests": head, "limits": head}
+    assert cluster["headGroupSpec"]["rayStartParams"] == {
+        "dashboard-host": "0.0.0.0",
+        "num-gpus": "0",
+    }
+    for group in cluster["workerGroupSpecs"]:  # 8 GPUs each: 8 CPUs and 64Gi per GPU
+        worker = {"cpu": "64", "memory": "512Gi", "nvidia.com/gpu": "8"}
+        assert _resources(group["template"]) == {"requests": worker, "limits": worker}
+        assert group["rayStartParams"] == {"num-gpus": "8"}
+
+
+def test_ray_pod_sizes_are_configurable_and_multiplied_exactly_per_gpu() -> None:
+    settings = replace(
+        SETTINGS,
+        head_cpu="500m",
+        head_memory="1536Mi",
+        worker_cpu_per_gpu="700m",
+        worker_memory_per_gpu="6Gi",
+    )
+    cluster = _cluster(settings, scout_on_two_gpus())
+    head = {"cpu": "500m", "memory": "1536Mi"}
+    assert _resources(cluster["headGroupSpec"]["template"]) == {"requests": head, "limits": head}
+    [group] = cluster["workerGroupSpecs"]
+    # 700m x 2 is 1400m (not 1.4000000000000001), 6Gi x 2 is 12Gi; requests = limits.
+    worker = {"cpu": "1400m", "memory": "12Gi", "nvidia.com/gpu": "2"}
+    assert _resources(group["template"]) == {"requests": worker, "limits": worker}
+    assert group["rayStartParams"] == {"num-gpus": "2"}
+
+
+@pytest.mark.parametrize(
+    ("cpu", "memory", "gpus", "expected_cpu", "expected_memory"),
+    [
+        ("8", "64Gi", 8, "64", "512Gi"),
+        ("0.5", "512Mi", 2, "1", "1Gi"),
+        ("250m", "1.5Gi", 3, "750m", "4608Mi"),
+        ("1.1", "2G", 3, "3300m", "6G"),
+        ("1e3", "1e9", 2, "2k", "2G"),
+        ("333m", "1000Ki", 3, "999m", "3000Ki"),
+    ],
+)
+def test_quantities_multiply_exactly_into_canonical_form(
+    cpu: str, memory: str, gpus: int, expected_cpu: str, expected_memory: str
+) -> None:
+    assert format_quantity(parse_quantity(cpu) * gpus) == expected_cpu
+    assert format_quantity(parse_quantity(memory) * gpus) == expected_memory
+
+
+@pytest.mark.parametrize(
+    "text", ["2", "500m", "0.5", ".5", "1.", "8Gi", "1536Mi", "4G", "1e3", "1E", "2k", "+3Ti"]
+)
+def test_quantity_parser_agrees_with_the_kubernetes_client(text: str) -> None:
+    expected = kubernetes_parse_quantity(text)
+    assert parse_quantity(text).value == Fraction(expected)
+
+
+@pytest.mark.parametrize("text", ["", "2 cores", "8GB", "8gi", "1.2.3", "m", "Gi", "0x10", "1e"])
+def test_what_is_not_a_quantity_is_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="not a Kubernetes quantity"):
+        parse_quantity(text)
+
+
+def test_a_custom_accelerator_is_declared_to_ray_instead_of_gpus() -> None:
+    settings = replace(SETTINGS, accelerator_resource="fake_gpu")
+    cluster = _cluster(settings, scout_on_two_gpus())
+    [group] = cluster["workerGroupSpecs"]
+    # KubeRay passes each entry as --key=value to `ray start`; the JSON goes in single quotes.
+    assert group["rayStartParams"] == {"num-gpus": "0", "resources": "'{\"fake_gpu\":2}'"}
+    assert json.loads(group["rayStartParams"]["resources"].strip("'")) == {"fake_gpu": 2}
+    # Not in the group's resources map (KubeRay counts keys ending in "gpu" there as GPUs).
+    assert "resources" not in group
+    # The pods still ask the scheduler for the GPUs the placement counted.
+    worker = {"cpu": "16", "memory": "128Gi", "nvidia.com/gpu": "2"}
+    assert _resources(group["template"]) == {"requests": worker, "limits": worker}
+    head = cluster["headGroupSpec"]["rayStartParams"]
+    assert head == {"dashboard-host": "0.0.0.0", "num-gpus": "0"}
+    # With GPU, the same spec declares GPUs and nothing else.
+    [gpu_group] = _cluster(SETTINGS, scout_on_two_gpus())["workerGroupSpecs"]
+    assert gpu_group["rayStartParams"] == {"num-gpus": "2"}
+
+
+def test_without_a_cpu_limit_the_ray_pods_request_cpu_only() -> None:
+    settings = replace(SETTINGS, head_cpu="500m", worker_cpu_per_gpu="600m", cpu_limit=False)
+    cluster = _cluster(settings, scout_on_two_gpus())
+    head = _resources(cluster["headGroupSpec"]["template"])
+    assert head["requests"] == {"cpu": "500m", "memory": "8Gi"}
+    assert head["limits"] == {"memory": "8Gi"}  # Burstable: idle cores are used, not throttled
+    [group] = cluster["workerGroupSpecs"]
+    worker = _resources(group["template"])
+    assert worker["requests"] == {"cpu": "1200m", "memory": "128Gi", "nvidia.com/gpu": "2"}
+    assert worker["limits"] == {"memory": "128Gi", "nvidia.com/gpu": "2"}

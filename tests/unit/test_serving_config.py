@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from llama4_serving.app import RuntimeKnobs, build_app
-from llama4_serving.config import ExpertPlacement, ServingConfig
+from llama4_serving.app import build_app
+from llama4_serving.config import ExpertPlacement, RuntimeKnobs, ServingConfig
 from llama4_serving.openai_protocol import ChatCompletionRequest, CompletionRequest
 from llama4_serving.tiny import tiny_architecture
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -22,7 +22,9 @@ from llama4_operator.renderers.deployment import Previous, desired_state
 from llama4_operator.renderers.serving import expert_balancer
 from llama4_serving.app import build_app
 from llama4_serving.config import (
+    ExpertPlacement,
     ServingConfig,
+    WeightsSource,
     application_args,
     engine_deployment_name,
     llm_server_overrides,
@@ -116,6 +118,7 @@ def test_tiny_cpu_sample_runs_on_cpu_bundles() -> None:
     assert rendered["placement_group_config"] == {"bundles": [{"CPU": 1.0, "fake_gpu": 1.0}]}
     assert rendered["engine_kwargs"]["enforce_eager"] is True
     assert rendered["runtime_env"]["env_vars"]["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert rendered["runtime_env"]["env_vars"]["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
     assert _engine_args(config).structured_outputs_config.disable_any_whitespace is True
     assert expert_balancer(_sample("tiny-vllm"), config.engine_args) == "none"
 
@@ -133,14 +136,16 @@ def test_overrides_name_the_deployment_ray_serve_llm_builds(tmp_path: Path) -> N
     config = ServingConfig(
         served_model_name="org/tiny.v1",
         architecture=engine_tiny_architecture(),
-        weights={"kind": "path", "uri": str(tmp_path)},
+        weights=WeightsSource(kind="path", uri=str(tmp_path)),
         engine="vllm",
         num_replicas=3,
         accelerator_resource="fake_gpu",
     )
     app = build_app(application_args(config))
     ingress = app._bound_deployment
-    servers = list(ingress.init_kwargs["llm_deployments"].values())
+    # Ray annotates init_kwargs as a tuple; it is the keyword arguments, a dict.
+    init_kwargs = cast(dict[str, Any], ingress.init_kwargs)
+    servers = list(init_kwargs["llm_deployments"].values())
     (server,) = [s._bound_deployment for s in servers]
     assert server.name == engine_deployment_name(config) == "LLMServer:org--tiny_v1"
     overrides = llm_server_overrides(config)
@@ -152,7 +157,7 @@ def test_replica_changes_leave_args_alone_but_batching_restarts_vllm(tmp_path: P
     base = ServingConfig(
         served_model_name="tiny",
         architecture=engine_tiny_architecture(),
-        weights={"kind": "path", "uri": str(tmp_path)},
+        weights=WeightsSource(kind="path", uri=str(tmp_path)),
         engine="vllm",
     )
     scaled = base.model_copy(update={"num_replicas": 4})
@@ -205,12 +210,12 @@ def test_vllm_refuses_random_weights_and_external_plans(tmp_path: Path) -> None:
     planned = ServingConfig(
         served_model_name="tiny",
         architecture=engine_tiny_architecture(),
-        weights={"kind": "path", "uri": str(tmp_path)},
+        weights=WeightsSource(kind="path", uri=str(tmp_path)),
         engine="vllm",
-        placement={
-            "slots_per_gpu": 8,
-            "phy2log": [list(range(8))] * len(engine_tiny_architecture().moe_layers),
-        },
+        placement=ExpertPlacement(
+            slots_per_gpu=8,
+            phy2log=[list(range(8))] * len(engine_tiny_architecture().moe_layers),
+        ),
     )
     with pytest.raises(VLLMConfigError, match="vLLM takes no external expert placement"):
         llm_config(planned)

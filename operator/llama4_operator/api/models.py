@@ -598,6 +598,16 @@ class ServingSpec(ApiModel):
     batching: BatchingSpec = Field(
         default_factory=BatchingSpec, description="Continuous-batching limits."
     )
+    request_timeout_seconds: float = Field(
+        default=300,
+        ge=1,
+        le=86400,
+        description=(
+            "End-to-end limit of one request at the Serve proxy (RayService mode): past it the "
+            "client gets a 408 instead of waiting, e.g. while a lost replica is replaced. "
+            "Streams count too: set it above the longest generation you serve."
+        ),
+    )
     ray_authentication: Literal["token", "disabled"] = Field(
         default="token",
         description=(

@@ -12,6 +12,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from llama4_operator.devenv import images
 from llama4_operator.devenv import tools as devtools
 from llama4_operator.devenv.cluster import ClusterConfig, ClusterError, LocalCluster
 from llama4_operator.devenv.demo import DemoError, PlacementDemo, ServingDemo
@@ -68,6 +69,44 @@ def tools_command(names: tuple[str, ...]) -> None:
         raise click.ClickException(str(error)) from error
     for item in built.values():
         click.echo(f"{item.name}\t{item.version}\t{item.bin_dir}")
+
+
+IMAGE_BUILDERS = {"operator": images.operator_image, "ray": images.ray_image}
+
+
+@dev.command("images")
+@click.argument("names", nargs=-1, type=click.Choice(sorted(IMAGE_BUILDERS)))
+@click.option(
+    "--load",
+    "load_into",
+    metavar="CLUSTER",
+    help="Also import them into the real nodes of this running local cluster.",
+)
+def images_command(names: tuple[str, ...], load_into: str | None) -> None:
+    """Build (or reuse) the project's images without Docker: the operator image and the Ray
+    image (Ray, the serving package, vLLM's CPU build), from Debian's packages and PyPI.
+
+    With NAMES, only those. The same images build from images/*.Containerfile with Docker or
+    Podman. Archives are cached under ~/.cache/llama4-operator/images by the content of their
+    sources; prints each image's name and archive.
+    """
+    local = _cluster(load_into) if load_into else None
+    if local is not None and not local.real_node_names():
+        raise click.ClickException(
+            f"cluster {load_into!r} has no real nodes: start it with `--real-nodes 1`"
+        )
+    for image_name in names or sorted(IMAGE_BUILDERS):
+
+        def progress(step: str, image: str = image_name) -> None:
+            console.log(f"{image}: {step}")
+
+        try:
+            built = IMAGE_BUILDERS[image_name](progress=progress)
+            if local is not None:
+                local.load_image(built.archive)
+        except (images.ImageBuildError, ClusterError) as error:
+            raise click.ClickException(str(error)) from error
+        click.echo(f"{built.name}\t{built.archive}")
 
 
 @dev.group()
@@ -193,12 +232,21 @@ def kubectl_command(name: str, args: tuple[str, ...]) -> None:
     "through KubeRay (no Ray cluster, no model, no Prometheus).",
 )
 @click.option(
+    "--mode",
+    type=click.Choice(["rayservice", "external"]),
+    default="rayservice",
+    show_default=True,
+    help="rayservice: the operator renders a RayService and KubeRay runs the Ray pods on the "
+    "real node (the mode users run). external: the operator deploys to a local Ray cluster "
+    "(host processes with fake GPUs) through its dashboard.",
+)
+@click.option(
     "--real-nodes",
     type=click.IntRange(0, 1),
     default=1,
     show_default=True,
-    help="Real kubelet nodes; the operator runs there as Helm-installed pods. 0: no real node, "
-    "the operator runs as a local process.",
+    help="Real kubelet nodes; the operator runs there as Helm-installed pods. 0 (external "
+    "mode only): no real node, the operator runs as a local process.",
 )
 def demo_command(
     name: str,
@@ -206,18 +254,25 @@ def demo_command(
     load_seconds: float,
     concurrency: int,
     placement_only: bool,
+    mode: str,
     real_nodes: int,
 ) -> None:
     """The local demo: a real control plane with 4 simulated 8-GPU H100 nodes (KWOK), a real
-    kubelet node and KubeRay; a real local Ray cluster with fake GPUs; Prometheus; and the
-    operator, built into an image here and installed by Helm onto the real node, in external-Ray
-    mode, serving a tiny Llama 4 on vLLM (CPU build): prints the OpenAI endpoint with curl and
-    openai examples, asks it one question, drives load and shows placement and scaling as they
-    happen.
+    kubelet node and KubeRay; Prometheus; the operator, built into an image here and installed
+    by Helm onto the real node; and a tiny Llama 4 on vLLM (CPU build) in a RayService whose
+    Ray pods run on the real node from the Ray image built here. Prints the OpenAI endpoint
+    (the deployment's Service) with curl and openai examples, asks it one question, drives load
+    and shows placement and scaling as they happen.
 
     Runs in the foreground until Ctrl-C, then stops everything (or --detach; then
     `make demo-down`).
     """
+    if mode == "rayservice" and not real_nodes and not placement_only:
+        raise click.BadParameter(
+            "RayService mode runs the Ray pods on a real node: keep --real-nodes 1, or use "
+            "--mode external",
+            param_hint="--real-nodes",
+        )
     local = _cluster(
         name,
         [NodePool()] if placement_only else [NodePool(count=4)],
@@ -240,7 +295,11 @@ def demo_command(
             placement.show(placement.wait_until_placed())
         else:
             serving = ServingDemo(
-                local, console, load_seconds=load_seconds, concurrency=concurrency
+                local,
+                console,
+                load_seconds=load_seconds,
+                concurrency=concurrency,
+                mode="rayservice" if mode == "rayservice" else "external",
             )
             endpoints = serving.start()
             serving.show_endpoint(endpoints)

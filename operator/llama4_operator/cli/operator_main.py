@@ -81,7 +81,61 @@ from llama4_operator.handlers import config as operator_config
     envvar=operator_config.ENV_ACCELERATOR,
     help=(
         "Ray resource each expert shard takes: GPU, or a custom resource (e.g. fake_gpu) on a "
-        "CPU Ray cluster for demos."
+        "CPU Ray cluster for demos. With a custom one, the RayService workers declare N units "
+        "of it to Ray instead of N GPUs (their pods still request N nvidia.com/gpu)."
+    ),
+)
+@click.option(
+    "--ray-head-cpu",
+    metavar="QUANTITY",
+    default=operator_config.DEFAULT_RAY_HEAD_CPU,
+    show_default=True,
+    envvar=operator_config.ENV_RAY_HEAD_CPU,
+    help=(
+        "CPU of each Ray head pod, a Kubernetes quantity (e.g. 500m); requests = limits, for "
+        "the Guaranteed QoS class. Lower it so the head fits small nodes (a 2-CPU dev node)."
+    ),
+)
+@click.option(
+    "--ray-head-memory",
+    metavar="QUANTITY",
+    default=operator_config.DEFAULT_RAY_HEAD_MEMORY,
+    show_default=True,
+    envvar=operator_config.ENV_RAY_HEAD_MEMORY,
+    help="Memory of each Ray head pod (e.g. 2Gi); requests = limits. Lower it for small nodes.",
+)
+@click.option(
+    "--ray-worker-cpu-per-gpu",
+    metavar="QUANTITY",
+    default=operator_config.DEFAULT_RAY_WORKER_CPU_PER_GPU,
+    show_default=True,
+    envvar=operator_config.ENV_RAY_WORKER_CPU_PER_GPU,
+    help=(
+        "CPU of a Ray worker pod per GPU it takes (a worker on 2 GPUs gets twice this); "
+        "requests = limits. Lower it (e.g. 250m) for small dev nodes, raise it for "
+        "CPU-hungry engines."
+    ),
+)
+@click.option(
+    "--ray-cpu-limit/--no-ray-cpu-limit",
+    default=True,
+    show_default=True,
+    envvar=operator_config.ENV_RAY_CPU_LIMIT,
+    help=(
+        "Limit the Ray containers' CPU to their request (Guaranteed QoS). --no-ray-cpu-limit "
+        "leaves requests only, so engines use idle cores instead of being throttled at the "
+        "request: for small shared dev nodes. Ray counts the request's CPUs either way."
+    ),
+)
+@click.option(
+    "--ray-worker-memory-per-gpu",
+    metavar="QUANTITY",
+    default=operator_config.DEFAULT_RAY_WORKER_MEMORY_PER_GPU,
+    show_default=True,
+    envvar=operator_config.ENV_RAY_WORKER_MEMORY_PER_GPU,
+    help=(
+        "Memory of a Ray worker pod per GPU it takes (times the worker's GPUs); requests = "
+        "limits. Lower it (e.g. 1Gi) for small dev nodes."
     ),
 )
 @click.option(
@@ -166,6 +220,11 @@ def operator_command(
     autoscale_interval: float,
     liveness_port: int,
     ray_network_policy: str | None,
+    ray_head_cpu: str,
+    ray_cpu_limit: bool,
+    ray_head_memory: str,
+    ray_worker_cpu_per_gpu: str,
+    ray_worker_memory_per_gpu: str,
 ) -> None:
     """Run the Llama4Deployment operator against a cluster until interrupted."""
     if namespaces and all_namespaces:
@@ -182,6 +241,11 @@ def operator_command(
         operator_config.ENV_PROMETHEUS_URL: prometheus_url or "",
         operator_config.ENV_AUTOSCALE_INTERVAL: str(autoscale_interval),
         operator_config.ENV_RAY_NETWORK_POLICY: ray_network_policy or "",
+        operator_config.ENV_RAY_HEAD_CPU: ray_head_cpu,
+        operator_config.ENV_RAY_CPU_LIMIT: str(ray_cpu_limit).lower(),
+        operator_config.ENV_RAY_HEAD_MEMORY: ray_head_memory,
+        operator_config.ENV_RAY_WORKER_CPU_PER_GPU: ray_worker_cpu_per_gpu,
+        operator_config.ENV_RAY_WORKER_MEMORY_PER_GPU: ray_worker_memory_per_gpu,
     }
     if kubeconfig:
         settings[operator_config.ENV_KUBECONFIG] = os.path.abspath(kubeconfig)

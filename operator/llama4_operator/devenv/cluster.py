@@ -33,7 +33,7 @@ from llama4_operator.devenv import tools as devtools
 from llama4_operator.devenv.nodes import GPU_RESOURCE, SIMULATED_NODE_LABEL, NodePool
 
 LOOPBACK = "127.0.0.1"
-SERVICE_CIDR = "10.96.0.0/16"
+SERVICE_CIDR = real_nodes.SERVICE_CIDR
 POD_CIDR = "10.244.0.0/16"
 # Every component's environment names its cluster's state directory; children inherit it, so
 # `down` also finds processes that left their process group (Ray's workers, for one).
@@ -429,7 +429,9 @@ class LocalCluster:
         from kubernetes import utils  # noqa: PLC0415
 
         address = self.api_address
-        port, ready_port = free_port(), free_port()
+        # Port 53: resolv.conf (KubeRay's, above) names a server, not a port. The bridge
+        # address is the cluster's own, so nothing else listens there.
+        port, ready_port = real_nodes.DNS_PORT, free_port()
         state["ports"].update({"coredns": port, "coredns_ready": ready_port})
         config = self.directory / "Corefile"
         config.write_text(
@@ -618,21 +620,33 @@ class LocalCluster:
             utils.create_from_yaml(api, str(crd))
         metrics, probe = free_port(), free_port()
         state["ports"].update({"kuberay_metrics": metrics, "kuberay_probe": probe})
+        command = [
+            str(kuberay.binary()),
+            f"--metrics-addr={LOOPBACK}:{metrics}",
+            f"--health-probe-bind-address={LOOPBACK}:{probe}",
+            "--enable-leader-election=false",
+            "--log-stdout-encoder=console",
+            f"--kubeconfig={self.kubeconfig}",
+        ]
+        if "node_network" in state:
+            # KubeRay asks each Ray head for its Serve status at the head Service's cluster
+            # name, so with real nodes it resolves names through the cluster's DNS.
+            command = self.with_cluster_dns(command)
         self._start(
             state,
-            Component(
-                "kuberay-operator",
-                [
-                    str(kuberay.binary()),
-                    f"--metrics-addr={LOOPBACK}:{metrics}",
-                    f"--health-probe-bind-address={LOOPBACK}:{probe}",
-                    "--enable-leader-election=false",
-                    "--log-stdout-encoder=console",
-                    f"--kubeconfig={self.kubeconfig}",
-                ],
-            ),
+            Component("kuberay-operator", command),
             ready=lambda: _http_ok(f"http://{LOOPBACK}:{probe}/readyz"),
         )
+
+    def with_cluster_dns(self, command: Sequence[str]) -> list[str]:
+        """`command` resolving names through the cluster's CoreDNS (real nodes only): its own
+        mount namespace sees a resolv.conf naming it; the host's stays as it is."""
+        gateway = self._read_state().get("node_network", {}).get("gateway")
+        if gateway is None:
+            raise ClusterError(f"cluster {self.config.name!r} has no real nodes, so no DNS")
+        resolv = self.directory / "cluster-resolv.conf"
+        resolv.write_text(real_nodes.resolv_conf(gateway))
+        return real_nodes.with_resolv_conf(resolv, command)
 
     def start_component(self, component: Component, ready: Ready, port: int | None = None) -> None:
         """Run one more process as part of the cluster (the demo's operator, say), so that

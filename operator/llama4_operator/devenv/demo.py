@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import yaml
@@ -35,6 +35,7 @@ from llama4_operator.devenv.local_prometheus import ScrapeTargets, start_prometh
 from llama4_operator.devenv.local_ray import FAKE_GPU, LocalRay, RayClusterStarter, RayNodes
 from llama4_operator.devenv.operator_process import LLAMA4CTL
 from llama4_operator.monitoring.rules import GENERATED_TOKENS_RATE, READY_REPLICAS
+from llama4_operator.renderers.children import MODELS_MOUNT_PATH
 
 REPOSITORY = Path(__file__).resolve().parents[3]
 CRD = REPOSITORY / "manifests" / "crd" / "serving.llama4.dev_llama4deployments.yaml"
@@ -45,6 +46,18 @@ OPERATOR_METRICS_PORT = 8080  # the chart's default
 TINY_SAMPLE = REPOSITORY / "manifests" / "samples" / "tiny-vllm.yaml"
 PLACEMENT_SAMPLES = ("scout.yaml", "maverick.yaml")
 NAMESPACE = "llama4-demo"
+WEIGHTS_CLAIM = "tiny-weights"
+ServingMode = Literal["rayservice", "external"]
+# Ray pods sized for one 2-CPU real node: the head and two 1-GPU workers fit beside the two
+# operator pods. CPU is requested, not limited: engines use idle cores instead of being
+# throttled at 600m (a vLLM engine then builds in about a minute instead of two).
+LOCAL_RAY_POD_VALUES = (
+    "--set=operator.rayPods.head.cpu=500m",
+    "--set=operator.rayPods.head.memory=3Gi",
+    "--set=operator.rayPods.workerPerGpu.cpu=600m",
+    "--set=operator.rayPods.workerPerGpu.memory=6Gi",
+    "--set=operator.rayPods.cpuLimit=false",
+)
 SUMMARY_FILE = "demo.json"  # in the cluster's state directory: what the demo started, for tools
 PROMPT = "Mixture of experts models route each token to"
 # GENERATED_TOKENS_RATE is recorded by the project's rules, which the demo's Prometheus loads.
@@ -191,11 +204,56 @@ def tiny_manifest(model_dir: Path, vocab_size: int) -> dict[str, Any]:
 
 
 def write_tiny_checkpoint(directory: Path) -> int:
-    """Write the tiny checkpoint both engines load; returns its vocabulary size."""
+    """Write the tiny checkpoint both engines load; returns its vocabulary size. Readable by
+    everyone: the Ray pods run as uid 1000 and mount it from the host (`weights_volume`)."""
     # Imports torch and transformers: only here, never when the CLI loads.
     from llama4_serving.tiny import engine_tiny_architecture, write_tiny_model  # noqa: PLC0415
 
-    return write_tiny_model(directory, engine_tiny_architecture()).vocab_size
+    vocab_size = write_tiny_model(directory, engine_tiny_architecture()).vocab_size
+    for path in (directory, *directory.rglob("*")):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return vocab_size
+
+
+def weights_volume(model_dir: Path, namespace: str, claim: str = WEIGHTS_CLAIM) -> list[Any]:
+    """A hostPath PersistentVolume over the checkpoint the host wrote (the real nodes share the
+    host's filesystem), pre-bound to the claim the Ray pods mount read-only at /models."""
+    volume = f"{namespace}-{claim}"
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": volume},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": ["ReadOnlyMany"],
+                "storageClassName": "",
+                "persistentVolumeReclaimPolicy": "Retain",
+                "hostPath": {"path": str(model_dir), "type": "Directory"},
+                "claimRef": {"namespace": namespace, "name": claim},
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": claim, "namespace": namespace},
+            "spec": {
+                "accessModes": ["ReadOnlyMany"],
+                "storageClassName": "",
+                "volumeName": volume,
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        },
+    ]
+
+
+def on_real_node(manifest: dict[str, Any], claim: str = WEIGHTS_CLAIM) -> dict[str, Any]:
+    """The tiny manifest in RayService mode: its Ray pods on the real node, the checkpoint from
+    the claim `weights_volume` binds (mounted at /models)."""
+    spec = manifest["spec"]
+    spec["model"]["weights"].update({"uri": MODELS_MOUNT_PATH, "volumeClaimName": claim})
+    spec.setdefault("resources", {})["nodeSelector"] = {real_nodes.REAL_NODE_LABEL: "true"}
+    return manifest
 
 
 def deployment_row(item: dict[str, Any]) -> tuple[str, ...]:
@@ -283,6 +341,7 @@ class ServingDemo:
         load_seconds: float = 45,
         concurrency: int = 4,
         ray_nodes: RayNodes | None = None,
+        mode: ServingMode = "rayservice",
     ) -> None:
         self.cluster = cluster
         self.console = console
@@ -290,10 +349,67 @@ class ServingDemo:
         self.load_seconds = load_seconds
         self.concurrency = concurrency
         self.ray_nodes = ray_nodes or RayNodes()
+        self.mode = mode
 
     # -- set-up ------------------------------------------------------------------------------
 
     def start(self) -> DemoEndpoints:
+        if self.mode == "rayservice":
+            if not self.cluster.real_node_names():
+                raise DemoError("RayService mode runs the Ray pods on a real node: --real-nodes 1")
+            return self._start_ray_service()
+        return self._start_external()
+
+    def _start_ray_service(self) -> DemoEndpoints:
+        """The mode users run: the operator (pods) renders a RayService, KubeRay starts the
+        Ray head and worker pods on the real node from the Ray image built here, and the
+        endpoint is the deployment's Service."""
+        self.console.rule("The Ray image, built here: Ray, the serving package, vLLM's CPU build")
+        ray_image = images.ray_image(progress=lambda step: self.console.log(f"image: {step}"))
+        self.cluster.load_image(ray_image.archive)
+        self.console.log(f"[green]✓[/] {ray_image.name} loaded into the real node")
+        self.kube.install_crd()
+        self.kube.create_namespace(NAMESPACE)
+        name = tiny_name()
+        gateway = self.cluster.api_address
+        operator_pods_file = self.cluster.directory / "operator-targets.json"
+        operator_pods_file.write_text("[]")
+        prometheus_url = start_prometheus(
+            self.cluster,
+            ScrapeTargets(
+                operator=operator_pods_file,
+                namespace=NAMESPACE,
+                ray_pod_dns_names=(f"{name}-metrics.{NAMESPACE}.svc.cluster.local",),
+            ),
+            host=gateway,
+        )
+        self.console.log(f"Prometheus: {prometheus_url}")
+        pod_targets = self.kube.install_operator(
+            f"--set=operator.servingImage={ray_image.name}",
+            f"--set=operator.rayAcceleratorResource={FAKE_GPU}",
+            f"--set=operator.prometheusUrl={prometheus_url}",
+            "--set=operator.resyncIntervalSeconds=5",
+            *LOCAL_RAY_POD_VALUES,
+        )
+        operator_pods_file.write_text(json.dumps([{"targets": pod_targets}]))
+        self.console.rule("A tiny Llama 4 on vLLM (CPU build), in a RayService on the real node")
+        model = self._apply_tiny(ray_service=True)
+        service = json.loads(self.kube.kubectl("get", "service", name, "-n", NAMESPACE, "-o=json"))
+        port = service["spec"]["ports"][0]["port"]
+        endpoints = DemoEndpoints(
+            openai_base_url=f"http://{service['spec']['clusterIP']}:{port}/v1",
+            model=str(model["spec"]["model"].get("servedModelName") or name),
+            prometheus_url=prometheus_url,
+            # Token-protected: `kubectl port-forward svc/<name>-head-svc 8265` and the token in
+            # the Secret KubeRay made (see docs/serving.md).
+            ray_dashboard_url=f"http://{name}-head-svc.{NAMESPACE}.svc.cluster.local:8265",
+            operator_metrics_url=f"http://{pod_targets[0]}/metrics",
+        )
+        endpoints.save(self.cluster.directory)
+        self._wait_ready(name, endpoints, timeout_s=900)
+        return endpoints
+
+    def _start_external(self) -> DemoEndpoints:
         # With a real node the operator runs there as pods, which reach Ray's dashboard and
         # Prometheus on the cluster's bridge address (the host's side of the node network).
         in_cluster = bool(self.cluster.real_node_names())
@@ -356,15 +472,23 @@ class ServingDemo:
             f"--prometheus-url={prometheus_url}",  # the autoscaler reads token rates there
         ]
 
-    def _apply_tiny(self) -> dict[str, Any]:
+    def _apply_tiny(self, *, ray_service: bool = False) -> dict[str, Any]:
         model_dir = self.cluster.directory / "tiny-model"
         with self.console.status("writing the tiny checkpoint and tokenizer (loads torch) ..."):
             manifest = tiny_manifest(model_dir, write_tiny_checkpoint(model_dir))
         self.console.log(f"[green]✓[/] tiny checkpoint written to {model_dir}")
+        where = "weights.uri patched"
+        if ray_service:
+            manifest = on_real_node(manifest)
+            volume = weights_volume(model_dir, NAMESPACE)
+            self.kube.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(volume))
+            where = (
+                f"weights from claim {WEIGHTS_CLAIM} (a hostPath volume), Ray pods on the real node"
+            )
         self.kube.kubectl("apply", "-n", NAMESPACE, "-f", "-", stdin=yaml.safe_dump(manifest))
         self.console.log(
             f"applied manifests/samples/tiny-vllm.yaml in namespace {NAMESPACE} "
-            "(weights.uri patched, autoscaling 1..2 replicas at 10 tokens/s each)"
+            f"({where}, autoscaling 1..2 replicas at 10 tokens/s each)"
         )
         return manifest
 
@@ -389,6 +513,12 @@ class ServingDemo:
                         return
                     status.update(_waiting_message(items[0]))
                 time.sleep(1)
+        if self.mode == "rayservice":
+            raise DemoError(
+                f"{name} was not Ready within {timeout_s:.0f} s; see `kubectl describe l4d "
+                f"{name} -n {NAMESPACE}`, the RayService's events and its pods' logs "
+                f"(llama4ctl dev kubectl get pods -n {NAMESPACE})"
+            )
         raise DemoError(
             f"{name} was not Ready within {timeout_s:.0f} s; see "
             f"{self.cluster.directory / 'logs' / 'llama4-operator.log'} and Ray's logs in "

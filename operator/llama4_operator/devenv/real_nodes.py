@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,6 +52,7 @@ HOST_PACKAGES = {
     "iproute2": Path("/usr/sbin/ip"),
 }
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+SERVICE_CIDR = "10.96.0.0/16"  # the API server's --service-cluster-ip-range
 CLUSTER_DNS_IP = "10.96.0.10"  # the conventional kube-dns address in the Service range
 KUBELET_PORT = 10250
 KUBELET_HEALTHZ_PORT = 10248
@@ -287,6 +289,31 @@ def kube_proxy_config(node: RealNode, kubeconfig: Path) -> dict[str, Any]:
     }
 
 
+DNS_PORT = 53
+
+
+def resolv_conf(nameserver: str) -> str:
+    """A resolv.conf for host processes that must resolve cluster names (KubeRay)."""
+    return f"nameserver {nameserver}\nsearch svc.cluster.local cluster.local\noptions ndots:5\n"
+
+
+def with_resolv_conf(resolv: Path, command: Sequence[str]) -> list[str]:
+    """`command` in a private mount namespace where `resolv` is bind-mounted over
+    /etc/resolv.conf; the mount goes away with the process."""
+    script = 'mount --bind "$0" /etc/resolv.conf && exec "$@"'
+    return [
+        "unshare",
+        "--mount",
+        "--propagation=private",
+        "--",
+        "sh",
+        "-c",
+        script,
+        str(resolv),
+        *command,
+    ]
+
+
 def corefile(*, address: str, port: int, ready_port: int, kubeconfig: Path) -> str:
     """CoreDNS answering for Services and pods from the API server, on the bridge address (pods
     reach it through the `kube-dns` Service). No upstream: nothing outside is reachable."""
@@ -405,8 +432,16 @@ def create_node_namespace(network: NodeNetwork, node: RealNode, others: Sequence
     _run([*inside, "link", "set", "eth0", "up"])
     _run([*inside, "link", "set", "lo", "up"])
     _run([*inside, "route", "add", "default", "via", network.gateway])
+    # The node routes between its pods, the other nodes and the host (the CNI bridge plugin
+    # would turn this on at the first pod; Services must work before that).
+    _run(["ip", "netns", "exec", node.netns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
     # The host reaches the node's pods (the operator and Ray clients run there) through the node.
     _run(["ip", "route", "add", node.pod_subnet, "via", node.address, "dev", network.bridge])
+    if not others:
+        # ... and Services' cluster IPs through the first node's kube-proxy rules, as a client
+        # inside the cluster would (the demo's OpenAI endpoint is its Service's cluster IP).
+        # `replace`: of two local clusters with real nodes, the newer one's Services answer.
+        _run(["ip", "route", "replace", SERVICE_CIDR, "via", node.address, "dev", network.bridge])
     for other in others:
         _run([*inside, "route", "add", other.pod_subnet, "via", other.address])
         _run(["ip", "-n", other.netns, "route", "add", node.pod_subnet, "via", node.address])
@@ -440,6 +475,17 @@ def cgroup_processes(node: RealNode) -> set[int]:
             with contextlib.suppress(OSError, ValueError):
                 pids.update(int(line) for line in procs.read_text().split())
     return pids
+
+
+def kill_cgroup_processes(node: RealNode, timeout_s: float = 60) -> None:
+    """SIGKILL what runs in the node's cgroups until none is left: a process with gigabytes
+    mapped (a Ray worker) takes seconds to exit, and its cgroup cannot be removed before."""
+    deadline = time.monotonic() + timeout_s
+    while (pids := cgroup_processes(node)) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        time.sleep(0.2)
 
 
 def remove_cgroup_parent(node: RealNode) -> list[str]:
@@ -520,9 +566,7 @@ def teardown(network: dict[str, Any], records: Sequence[dict[str, Any]]) -> list
     leftovers it could not remove (empty when the host is clean)."""
     nodes = [node_from_record(record) for record in records]
     for node in nodes:
-        for pid in cgroup_processes(node):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 9)
+        kill_cgroup_processes(node)
     left = unmount_all([p for node in nodes for p in (node.directory, node.sockets)])
     left = [f"mount {point}" for point in left]
     left += delete_network(network, records)

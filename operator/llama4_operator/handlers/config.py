@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from importlib import metadata
 
 from llama4_operator.renderers.children import NetworkPolicySettings
+from llama4_operator.renderers.quantities import Quantity, parse_quantity
 
 ENV_IMAGE = "LLAMA4_SERVING_IMAGE"
 ENV_RAY_VERSION = "LLAMA4_RAY_VERSION"
@@ -24,6 +25,11 @@ ENV_REBALANCE_TICK = "LLAMA4_REBALANCE_TICK_SECONDS"
 ENV_PROMETHEUS_URL = "LLAMA4_PROMETHEUS_URL"
 ENV_AUTOSCALE_INTERVAL = "LLAMA4_AUTOSCALE_INTERVAL_SECONDS"
 ENV_RAY_NETWORK_POLICY = "LLAMA4_RAY_NETWORK_POLICY"
+ENV_RAY_HEAD_CPU = "LLAMA4_RAY_HEAD_CPU"
+ENV_RAY_HEAD_MEMORY = "LLAMA4_RAY_HEAD_MEMORY"
+ENV_RAY_WORKER_CPU_PER_GPU = "LLAMA4_RAY_WORKER_CPU_PER_GPU"
+ENV_RAY_WORKER_MEMORY_PER_GPU = "LLAMA4_RAY_WORKER_MEMORY_PER_GPU"
+ENV_RAY_CPU_LIMIT = "LLAMA4_RAY_CPU_LIMIT"
 
 DEFAULT_IMAGE = "llama4-serving:0.1.0"
 DEFAULT_RESYNC_S = 60.0
@@ -31,6 +37,16 @@ DEFAULT_RESYNC_S = 60.0
 DEFAULT_REBALANCE_TICK_S = 30.0
 DEFAULT_METRICS_PORT = 8080
 DEFAULT_AUTOSCALE_INTERVAL_S = 15.0
+# Sizes of the Ray pods (requests = limits); a worker's are per GPU, times its GPUs.
+DEFAULT_RAY_HEAD_CPU = "2"
+DEFAULT_RAY_HEAD_MEMORY = "8Gi"
+DEFAULT_RAY_WORKER_CPU_PER_GPU = "8"
+DEFAULT_RAY_WORKER_MEMORY_PER_GPU = "64Gi"
+# (flag, environment variable) of each size, for the messages.
+RAY_HEAD_CPU = ("--ray-head-cpu", ENV_RAY_HEAD_CPU)
+RAY_HEAD_MEMORY = ("--ray-head-memory", ENV_RAY_HEAD_MEMORY)
+RAY_WORKER_CPU_PER_GPU = ("--ray-worker-cpu-per-gpu", ENV_RAY_WORKER_CPU_PER_GPU)
+RAY_WORKER_MEMORY_PER_GPU = ("--ray-worker-memory-per-gpu", ENV_RAY_WORKER_MEMORY_PER_GPU)
 
 
 class ConfigError(ValueError):
@@ -64,6 +80,14 @@ class OperatorConfig:
     autoscale_interval_s: float = DEFAULT_AUTOSCALE_INTERVAL_S
     ray_network_policy: NetworkPolicySettings | None = None
     """A NetworkPolicy around each RayService's head; None: none rendered."""
+    ray_head_cpu: str = DEFAULT_RAY_HEAD_CPU
+    """CPU of each Ray head pod (a Kubernetes quantity; requests = limits)."""
+    ray_head_memory: str = DEFAULT_RAY_HEAD_MEMORY
+    ray_worker_cpu_per_gpu: str = DEFAULT_RAY_WORKER_CPU_PER_GPU
+    """CPU of a Ray worker pod per GPU it takes (a quantity, times the worker's GPUs)."""
+    ray_worker_memory_per_gpu: str = DEFAULT_RAY_WORKER_MEMORY_PER_GPU
+    ray_cpu_limit: bool = True
+    """Limit the Ray containers' CPU to their request; False: requests only (Burstable)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -99,6 +123,15 @@ class OperatorConfig:
                 env, ENV_AUTOSCALE_INTERVAL, DEFAULT_AUTOSCALE_INTERVAL_S
             ),
             ray_network_policy=network_policy_settings(env.get(ENV_RAY_NETWORK_POLICY) or ""),
+            ray_head_cpu=cpu_quantity(env, RAY_HEAD_CPU, DEFAULT_RAY_HEAD_CPU),
+            ray_head_memory=memory_quantity(env, RAY_HEAD_MEMORY, DEFAULT_RAY_HEAD_MEMORY),
+            ray_worker_cpu_per_gpu=cpu_quantity(
+                env, RAY_WORKER_CPU_PER_GPU, DEFAULT_RAY_WORKER_CPU_PER_GPU
+            ),
+            ray_worker_memory_per_gpu=memory_quantity(
+                env, RAY_WORKER_MEMORY_PER_GPU, DEFAULT_RAY_WORKER_MEMORY_PER_GPU
+            ),
+            ray_cpu_limit=_flag(env, ENV_RAY_CPU_LIMIT, default=True),
         )
 
 
@@ -149,6 +182,43 @@ def network_policy_settings(text: str) -> NetworkPolicySettings | None:
     return NetworkPolicySettings(namespace, dict(labels), tuple(clients))
 
 
+def cpu_quantity(env: Mapping[str, str], setting: tuple[str, str], default: str) -> str:
+    """A CPU size from the environment: a Kubernetes quantity above 0, whole millicores."""
+    text = (env.get(setting[1]) or default).strip()
+    fix = "a CPU quantity such as 2, 1.5 or 500m (cores, or millicores with m)"
+    value = _quantity(text, setting, fix).value
+    if value <= 0 or (value * 1000).denominator != 1:
+        raise ConfigError(
+            f"{_name(setting)} must be {fix}, above 0 and in whole millicores; got {text!r}"
+        )
+    return text
+
+
+def memory_quantity(env: Mapping[str, str], setting: tuple[str, str], default: str) -> str:
+    """A memory size from the environment: a Kubernetes quantity of whole bytes, at least 1Mi
+    (anything less is a missing unit: "8" is 8 bytes, "8Gi" 8 GiB)."""
+    text = (env.get(setting[1]) or default).strip()
+    fix = "a memory quantity with a unit, such as 8Gi, 512Mi or 4G"
+    value = _quantity(text, setting, fix).value
+    if value.denominator != 1 or value < 1024**2:
+        raise ConfigError(
+            f"{_name(setting)} must be {fix}: whole bytes, at least 1Mi; got {text!r}"
+        )
+    return text
+
+
+def _quantity(text: str, setting: tuple[str, str], fix: str) -> Quantity:
+    try:
+        return parse_quantity(text)
+    except ValueError as error:
+        raise ConfigError(f"{_name(setting)} must be {fix}; got {text!r}") from error
+
+
+def _name(setting: tuple[str, str]) -> str:
+    flag, env = setting
+    return f"{flag} ({env})"
+
+
 def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
     """A period in seconds, at least 1, from the environment variable `name`."""
     text = env.get(name) or str(default)
@@ -168,3 +238,14 @@ def _url(env: Mapping[str, str], name: str, example: str, when_empty: str) -> st
             f"{name} must be an http(s) URL such as {example}{when_empty}; got {url!r}"
         )
     return url
+
+
+def _flag(env: Mapping[str, str], name: str, *, default: bool) -> bool:
+    value = env.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {value!r}")

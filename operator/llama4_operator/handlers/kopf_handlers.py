@@ -20,9 +20,16 @@ from llama4_operator.handlers.autoscale import Autoscaler
 from llama4_operator.handlers.config import OperatorConfig
 from llama4_operator.handlers.rebalance import Rebalancer
 from llama4_operator.handlers.reconcile import Reconciler
+from llama4_operator.handlers.status import RayWorkerPod, pod_ready
 from llama4_operator.kube import Kube, kopf_connection
 from llama4_operator.ray_dashboard import RayAuthenticationError, RayDashboard
-from llama4_operator.renderers.children import Owner, external_app_name
+from llama4_operator.renderers.children import (
+    DEPLOYMENT_LABEL,
+    RAY_GROUP_LABEL,
+    RAY_NODE_TYPE_LABEL,
+    Owner,
+    external_app_name,
+)
 
 CONFIG = OperatorConfig.from_env()
 FINALIZER = f"{GROUP}/finalizer"
@@ -110,9 +117,28 @@ async def startup(
     )
 
 
-async def _reconcile_locked(body: kopf.Body, logger: Any) -> None:
+# Kopf passes each index to every handler as a keyword argument named after its function.
+RayWorkers = kopf.Index[tuple[str, str], RayWorkerPod]
+
+
+@kopf.index("v1", "pods", labels={DEPLOYMENT_LABEL: kopf.PRESENT, RAY_NODE_TYPE_LABEL: "worker"})
+def ray_worker_pods(
+    namespace: str | None, name: str, labels: kopf.Labels, status: kopf.Status, **_: Any
+) -> dict[tuple[str, str], RayWorkerPod]:
+    """The Ray worker pods of each deployment, by (namespace, deployment): a lost worker shows
+    here at once, while Serve's status (through KubeRay) lags by a minute or more."""
+    return {
+        (namespace or "", labels[DEPLOYMENT_LABEL]): RayWorkerPod(
+            name=name, group=labels.get(RAY_GROUP_LABEL, ""), ready=pod_ready(status)
+        )
+    }
+
+
+async def _reconcile_locked(body: kopf.Body, logger: Any, ray_workers: RayWorkers) -> None:
+    meta = body["metadata"]
+    workers = tuple(ray_workers.get((meta["namespace"], meta["name"]), ()))
     async with _planning_lock:
-        await _runtime().reconcile(body, logger)
+        await _runtime().reconcile(body, logger, workers)
 
 
 @kopf.on.resume(
@@ -139,9 +165,9 @@ async def _reconcile_locked(body: kopf.Body, logger: Any) -> None:
     retries=HANDLER_RETRIES,
     backoff=HANDLER_BACKOFF_S,
 )
-async def reconcile(body: kopf.Body, logger: Any, **_: Any) -> None:
+async def reconcile(body: kopf.Body, logger: Any, **kwargs: Any) -> None:
     """Create, resume and update: make the children match the spec."""
-    await _reconcile_locked(body, logger)
+    await _reconcile_locked(body, logger, kwargs["ray_worker_pods"])
 
 
 @kopf.timer(
@@ -152,10 +178,10 @@ async def reconcile(body: kopf.Body, logger: Any, **_: Any) -> None:
     initial_delay=CONFIG.resync_interval_s,
     timeout=HANDLER_TIMEOUT_S,
 )
-async def resync(body: kopf.Body, logger: Any, **_: Any) -> None:
+async def resync(body: kopf.Body, logger: Any, **kwargs: Any) -> None:
     """Undo drift (children edited or deleted by hand) and refresh health in status."""
     try:
-        await _reconcile_locked(body, logger)
+        await _reconcile_locked(body, logger, kwargs["ray_worker_pods"])
     except kopf.PermanentError as error:
         logger.debug("resync skipped: %s", error)  # already reported in status
 

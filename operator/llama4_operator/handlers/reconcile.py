@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,7 +21,9 @@ from llama4_operator.api.models import (
 )
 from llama4_operator.handlers.config import OperatorConfig
 from llama4_operator.handlers.status import (
+    WORKER_LOST,
     ConditionUpdate,
+    RayWorkerPod,
     ServeHealth,
     apply_failed_conditions,
     build_status,
@@ -29,6 +31,7 @@ from llama4_operator.handlers.status import (
     invalid_spec_conditions,
     merge_conditions,
     ray_service_health,
+    replicas_without_workers,
     serve_details_health,
     transitions,
 )
@@ -109,11 +112,16 @@ class Reconciler:
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 
     async def reconcile(
-        self, body: Body, logger: logging.Logger | logging.LoggerAdapter[Any]
+        self,
+        body: Body,
+        logger: logging.Logger | logging.LoggerAdapter[Any],
+        ray_workers: Sequence[RayWorkerPod] | None = None,
     ) -> None:
+        """`ray_workers`: the deployment's Ray worker pods (the operator's pod index); None:
+        unknown, health comes from Serve's status alone."""
         with metrics.RECONCILE_DURATION.time():
             try:
-                await self._reconcile(body, logger)
+                await self._reconcile(body, logger, ray_workers)
             except kopf.TemporaryError:
                 metrics.RECONCILE_ERRORS.labels(kind="temporary").inc()
                 raise
@@ -125,7 +133,10 @@ class Reconciler:
                 raise
 
     async def _reconcile(
-        self, body: Body, logger: logging.Logger | logging.LoggerAdapter[Any]
+        self,
+        body: Body,
+        logger: logging.Logger | logging.LoggerAdapter[Any],
+        ray_workers: Sequence[RayWorkerPod] | None,
     ) -> None:
         meta = body["metadata"]
         owner = Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
@@ -174,7 +185,7 @@ class Reconciler:
         keep = {(c["kind"], c["metadata"]["name"]) for c in state.children}
         removed, health = await asyncio.gather(
             self.kube.prune_children(owner.namespace, owner.name, owner.uid, keep),
-            self._health(owner, state),
+            self._health(body, owner, state, ray_workers),
         )
         if removed:
             self.kube.post_event(
@@ -216,6 +227,11 @@ class Reconciler:
             ray_version=self.config.ray_version,
             accelerator_resource=self.config.accelerator_resource,
             network_policy=self.config.ray_network_policy,
+            head_cpu=self.config.ray_head_cpu,
+            head_memory=self.config.ray_head_memory,
+            worker_cpu_per_gpu=self.config.ray_worker_cpu_per_gpu,
+            worker_memory_per_gpu=self.config.ray_worker_memory_per_gpu,
+            cpu_limit=self.config.ray_cpu_limit,
         )
         return desired_state(
             owner,
@@ -237,13 +253,31 @@ class Reconciler:
         else:
             await self.dashboard.remove(external_app_name(owner))
 
-    async def _health(self, owner: Owner, state: DesiredState) -> ServeHealth | None:
+    async def _health(
+        self,
+        body: Body,
+        owner: Owner,
+        state: DesiredState,
+        ray_workers: Sequence[RayWorkerPod] | None,
+    ) -> ServeHealth | None:
         if not state.fit.fits or not state.placed_replicas:
             return None
         if self.dashboard is not None:
             return serve_details_health(await self.dashboard.application(external_app_name(owner)))
         ray_service = await self.kube.get("ray.io/v1", "RayService", owner.namespace, owner.name)
-        return ray_service_health(ray_service, owner.name)
+        health = ray_service_health(ray_service, owner.name)
+        if ray_workers is None:
+            return health
+        not_ready = replicas_without_workers(state, ray_workers)
+        # Lost, not starting: fewer replicas have their workers than served at the last look,
+        # or they were already reported lost and are not back yet.
+        before = previous_status(body)
+        degraded = next((c for c in before.conditions if c.type == "Degraded"), None)
+        lost = bool(not_ready) and (
+            state.placed_replicas - len(not_ready) < before.ready_replicas
+            or (degraded is not None and degraded.reason == WORKER_LOST)
+        )
+        return replace(health, workers_not_ready=not_ready, workers_lost=lost)
 
     async def _write(
         self,

@@ -24,10 +24,12 @@ from llama4_operator.api.models import (
     WorkerSummary,
 )
 from llama4_operator.planners.gpu_products import GIB
+from llama4_operator.renderers.children import worker_group_name
 from llama4_operator.renderers.deployment import DesiredState
 from llama4_serving.config import is_engine_deployment
 
 RUNNING = "RUNNING"
+WORKER_LOST = "RayWorkerLost"
 DEPLOYING = "DEPLOYING"
 DEPLOY_FAILED = "DEPLOY_FAILED"  # the application could not be built or its replicas started
 REPLICA_RUNNING = "RUNNING"
@@ -53,6 +55,47 @@ class ConditionUpdate:
 
 
 @dataclass(frozen=True)
+class RayWorkerPod:
+    """A Ray worker pod of a deployment, as the operator's pod index keeps it."""
+
+    name: str
+    group: str  # its KubeRay worker group, `r<replica>-w<worker>`
+    ready: bool
+
+
+def pod_ready(status: Mapping[str, Any]) -> bool:
+    """Whether a pod's Ready condition is True (the kubelet runs KubeRay's Ray probes)."""
+    return any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in status.get("conditions") or []
+    )
+
+
+def replicas_without_workers(
+    state: DesiredState, workers: Sequence[RayWorkerPod]
+) -> dict[int, str]:
+    """Placed replicas with a worker group that has no Ready pod (starting, or lost and being
+    replaced by KubeRay), each with why; Serve's status lags a loss by a minute or more."""
+    if state.placement is None:
+        return {}
+    ready_groups = {pod.group for pod in workers if pod.ready}
+    pods_of: dict[str, list[str]] = {}
+    for pod in workers:
+        pods_of.setdefault(pod.group, []).append(pod.name)
+    missing = {}
+    for replica in state.placement.replicas:
+        groups = [worker_group_name(replica.index, i) for i in range(len(replica.workers))]
+        lost = [group for group in groups if group not in ready_groups]
+        if lost:
+            missing[replica.index] = ", ".join(
+                f"worker group {group} has no Ready pod"
+                + (f" ({', '.join(sorted(pods_of[group]))} not Ready)" if group in pods_of else "")
+                for group in lost
+            )
+    return missing
+
+
+@dataclass(frozen=True)
 class ServeHealth:
     """The Serve application's state as its host reports it."""
 
@@ -62,6 +105,10 @@ class ServeHealth:
     deployments: Mapping[str, str] = field(default_factory=dict)
     # Serve deployment -> replicas in state RUNNING; None where the host does not say (KubeRay).
     running_replicas: Mapping[str, int] | None = None
+    # Placed replicas whose Ray worker pods are not all Ready, with why (RayService mode).
+    workers_not_ready: Mapping[int, str] = field(default_factory=dict)
+    # Whether some of them served before: pods lost, not pods of a replica still starting.
+    workers_lost: bool = False
 
     @property
     def running(self) -> bool:
@@ -85,18 +132,20 @@ class ServeHealth:
         )
 
     def ready_replicas(self, placed: int, previously_ready: int) -> int:
-        """Engine replicas serving, at most the placed ones. Without counts from the host: all
-        placed ones when RUNNING, else those ready before (a scale does not stop them)."""
+        """Engine replicas serving, at most the placed ones less those whose worker pods are
+        lost. Without counts from the host: all placed ones when RUNNING, else those ready
+        before (a scale does not stop them)."""
         if not self.serving:
             return 0
+        with_workers = placed - len(self.workers_not_ready)
         if self.running_replicas is not None:
             engine = sum(
                 n for name, n in self.running_replicas.items() if is_engine_deployment(name)
             )
-            return min(engine, placed)
+            return max(min(engine, with_workers), 0)
         if self.running:
-            return placed
-        return min(max(previously_ready, 1), placed)
+            return max(with_workers, 0)
+        return max(min(max(previously_ready, 1), with_workers), 0)
 
     @property
     def detail(self) -> str:
@@ -142,9 +191,17 @@ def ray_service_health(ray_service: Mapping[str, Any] | None, app_name: str) -> 
             "NOT_STARTED", "KubeRay reports no Serve application yet (Ray cluster starting)"
         )
     deployments = app.get("serveDeploymentStatuses") or {}
+    app_status, message = str(app.get("status", "UNKNOWN")), str(app.get("message", "") or "")
+    generation = (ray_service.get("metadata") or {}).get("generation")
+    observed = status.get("observedGeneration")
+    if app_status == RUNNING and generation and observed is not None and observed < generation:
+        # KubeRay has not read the last change yet: RUNNING is the old config's (a scale-up
+        # would otherwise count its new replicas ready before they start).
+        app_status = DEPLOYING
+        message = f"KubeRay has not applied generation {generation} yet (observed {observed})"
     return ServeHealth(
-        str(app.get("status", "UNKNOWN")),
-        str(app.get("message", "") or ""),
+        app_status,
+        message,
         deployments={
             str(name): str(d.get("status", "UNKNOWN"))
             for name, d in deployments.items()
@@ -286,6 +343,21 @@ def deployment_conditions(state: DesiredState, health: ServeHealth | None) -> li
         detail = health.detail if health else "Serve application status UNKNOWN"
         ready = ConditionUpdate("Ready", "False", "ServeApplicationNotHealthy", detail)
         progressing = ConditionUpdate("Progressing", "True", "Deploying", detail)
+    if health is not None and health.serving and health.workers_not_ready:
+        # Serve may still count these replicas (it learns of a lost pod a minute or more
+        # later); the pods say otherwise until they are Ready and the engines start again.
+        waiting = "; ".join(
+            f"replica {i}: {why}" for i, why in sorted(health.workers_not_ready.items())
+        )
+        if health.workers_lost:
+            reason, message = WORKER_LOST, f"{waiting}; KubeRay is replacing the pods"
+            degraded = ConditionUpdate("Degraded", "True", reason, message)
+        else:
+            reason, message = "RayWorkerStarting", waiting
+        if progressing.status != "True" or health.workers_lost:
+            progressing = ConditionUpdate("Progressing", "True", reason, message)
+        if len(health.workers_not_ready) >= state.placed_replicas:
+            ready = ConditionUpdate("Ready", "False", reason, message)
     return [ready, progressing, degraded, fits]
 
 

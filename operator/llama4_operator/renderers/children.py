@@ -30,6 +30,7 @@ from llama4_operator.api.models import (
 )
 from llama4_operator.planners.cluster_placement import ClusterPlacement
 from llama4_operator.planners.gpu_products import GPU_RESOURCE, PRODUCT_LABEL
+from llama4_operator.renderers.quantities import format_quantity, parse_quantity
 from llama4_operator.renderers.serving import (
     API_KEY_MOUNT_DIR,
     ENGINE_METRICS_PORT,
@@ -45,6 +46,9 @@ COMPONENT_LABEL = "app.kubernetes.io/component"
 MANAGED_BY = "llama4-operator"
 METRICS_PORT = 8080  # Ray's metrics export port on every node
 DASHBOARD_PORT = 8265
+RAY_NODE_TYPE_LABEL = "ray.io/node-type"  # KubeRay's, on every Ray pod: head or worker
+RAY_GROUP_LABEL = "ray.io/group"  # KubeRay's: the pod's worker group
+MODELS_MOUNT_PATH = "/models"  # where spec.model.weights.volumeClaimName is mounted
 EXPERT_PLACEMENT_KEY = "expert-placement.json"
 
 
@@ -70,16 +74,22 @@ class NetworkPolicySettings:
 
 @dataclass(frozen=True)
 class RayPodSettings:
-    """Operator-wide settings of the Ray pods."""
+    """Operator-wide settings of the Ray pods. The sizes are Kubernetes quantities, requests and
+    limits alike (Guaranteed QoS); a worker gets the per-GPU sizes times its GPUs."""
 
     image: str
     ray_version: str
     accelerator_resource: str = "GPU"
+    """The Ray resource an expert shard takes: GPU, or a custom one (e.g. fake_gpu) that the
+    workers then declare instead of GPUs."""
     network_policy: NetworkPolicySettings | None = None
     head_cpu: str = "2"
     head_memory: str = "8Gi"
-    worker_cpu_per_gpu: int = 8
-    worker_memory_per_gpu_gib: int = 64
+    worker_cpu_per_gpu: str = "8"
+    worker_memory_per_gpu: str = "64Gi"
+    cpu_limit: bool = True
+    """False: CPU requests only (Burstable), so engines on a shared dev node are not throttled
+    at their request; KubeRay then gives Ray the request's CPUs."""
 
 
 def labels(owner: Owner, component: str) -> dict[str, str]:
@@ -141,7 +151,7 @@ def _volumes(spec: Llama4DeploymentSpec) -> tuple[list[Object], list[Object]]:
         volumes.append(
             {"name": "models", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
         )
-        mounts.append({"name": "models", "mountPath": "/models", "readOnly": True})
+        mounts.append({"name": "models", "mountPath": MODELS_MOUNT_PATH, "readOnly": True})
     secret = spec.serving.api_key_secret_ref
     if secret is not None:
         volumes.append(
@@ -229,16 +239,17 @@ def render_ray_service(
 
     Worker groups of the live RayService that the placement no longer has are kept with zero
     replicas: KubeRay scales a group in place, but treats a removed group as a new cluster."""
+    head_size = {
+        "cpu": _sized(settings.head_cpu, 1),
+        "memory": _sized(settings.head_memory, 1),
+    }
     head = _pod_template(
         owner,
         spec,
         settings,
         container="ray-head",
         component="ray-head",
-        resources={
-            "requests": {"cpu": settings.head_cpu, "memory": settings.head_memory},
-            "limits": {"cpu": settings.head_cpu, "memory": settings.head_memory},
-        },
+        resources=_resources(settings, head_size),
         ports=[
             {"name": "gcs", "containerPort": 6379},
             {"name": "dashboard", "containerPort": DASHBOARD_PORT},
@@ -251,18 +262,18 @@ def render_ray_service(
     groups: list[Object] = []
     for replica in placement.replicas:
         for index, worker in enumerate(replica.workers):
-            cpu = str(settings.worker_cpu_per_gpu * worker.gpus)
-            memory = f"{settings.worker_memory_per_gpu_gib * worker.gpus}Gi"
+            worker_size = {
+                "cpu": _sized(settings.worker_cpu_per_gpu, worker.gpus),
+                "memory": _sized(settings.worker_memory_per_gpu, worker.gpus),
+                GPU_RESOURCE: str(worker.gpus),
+            }
             template = _pod_template(
                 owner,
                 spec,
                 settings,
                 container="ray-worker",
                 component="ray-worker",
-                resources={
-                    "requests": {"cpu": cpu, "memory": memory, GPU_RESOURCE: str(worker.gpus)},
-                    "limits": {"cpu": cpu, "memory": memory, GPU_RESOURCE: str(worker.gpus)},
-                },
+                resources=_resources(settings, worker_size),
                 ports=[
                     {"name": "metrics", "containerPort": METRICS_PORT},
                     {"name": "engine-metrics", "containerPort": ENGINE_METRICS_PORT},
@@ -278,7 +289,7 @@ def render_ray_service(
                     # which KubeRay applies in place (its cluster hash leaves replicas out).
                     "minReplicas": 0,
                     "maxReplicas": 1,
-                    "rayStartParams": {"num-gpus": str(worker.gpus)},
+                    "rayStartParams": _worker_start_params(settings, worker.gpus),
                     "template": template,
                 }
             )
@@ -288,7 +299,9 @@ def render_ray_service(
         "kind": "RayService",
         "metadata": _metadata(owner, owner.name, "ray-service"),
         "spec": {
-            "serveConfigV2": serve_config_v2(config, owner.name),
+            "serveConfigV2": serve_config_v2(
+                config, owner.name, spec.serving.request_timeout_seconds
+            ),
             "rayClusterConfig": {
                 "rayVersion": settings.ray_version,
                 "enableInTreeAutoscaling": False,
@@ -302,6 +315,29 @@ def render_ray_service(
             },
         },
     }
+
+
+def _resources(settings: RayPodSettings, size: Mapping[str, str]) -> Object:
+    """Requests = limits (Guaranteed), less the CPU limit where settings leave it out."""
+    limits = {k: v for k, v in size.items() if settings.cpu_limit or k != "cpu"}
+    return {"requests": dict(size), "limits": limits}
+
+
+def _sized(per_unit: str, units: int) -> str:
+    """`units` times the quantity `per_unit`, exactly, in canonical form ("700m" x 2: "1400m")."""
+    return format_quantity(parse_quantity(per_unit) * units)
+
+
+def _worker_start_params(settings: RayPodSettings, gpus: int) -> dict[str, str]:
+    """`ray start` flags of a worker. With a custom accelerator resource (CPU clusters whose
+    nodes advertise nvidia.com/gpu without CUDA) the worker declares that resource, N units,
+    and no GPUs; the container keeps its nvidia.com/gpu limit for the scheduler's accounting.
+    KubeRay passes each entry as `--key=value` and wants the resources JSON in single quotes.
+    (Not the group's `resources` map: KubeRay counts any key there that ends in "gpu" as GPUs.)"""
+    if settings.accelerator_resource == "GPU":
+        return {"num-gpus": str(gpus)}
+    resources = json.dumps({settings.accelerator_resource: gpus}, separators=(",", ":"))
+    return {"num-gpus": "0", "resources": f"'{resources}'"}
 
 
 def _retired(live: Sequence[Mapping[str, Any]], wanted: set[str]) -> list[Object]:
@@ -328,7 +364,7 @@ def render_network_policy(owner: Owner, policy: NetworkPolicySettings) -> Object
         "metadata": _metadata(owner, f"{owner.name}-ray-head", "network-policy"),
         "spec": {
             "podSelector": {
-                "matchLabels": {DEPLOYMENT_LABEL: owner.name, "ray.io/node-type": "head"}
+                "matchLabels": {DEPLOYMENT_LABEL: owner.name, RAY_NODE_TYPE_LABEL: "head"}
             },
             "policyTypes": ["Ingress"],
             "ingress": [
@@ -366,7 +402,7 @@ def render_endpoint_service(owner: Owner, spec: Llama4DeploymentSpec) -> Object:
         "metadata": _metadata(owner, owner.name, "endpoint"),
         "spec": {
             "type": "ClusterIP",
-            "selector": {DEPLOYMENT_LABEL: owner.name, "ray.io/node-type": "head"},
+            "selector": {DEPLOYMENT_LABEL: owner.name, RAY_NODE_TYPE_LABEL: "head"},
             "ports": [
                 {
                     "name": "http",

@@ -249,10 +249,16 @@ def serve_application(config: ServingConfig, app_name: str, route_prefix: str) -
     }
 
 
-def serve_config_v2(config: ServingConfig, app_name: str) -> str:
-    """A RayService's `serveConfigV2`: YAML of the Serve config with one application at `/`."""
+def serve_config_v2(config: ServingConfig, app_name: str, request_timeout_s: float) -> str:
+    """A RayService's `serveConfigV2`: YAML of the Serve config with one application at `/`.
+    The proxy ends each request after `request_timeout_s` (408), so none waits forever on a
+    replica that is gone."""
     document = {
-        "http_options": {"host": "0.0.0.0", "port": SERVE_HTTP_PORT},
+        "http_options": {
+            "host": "0.0.0.0",
+            "port": SERVE_HTTP_PORT,
+            "request_timeout_s": request_timeout_s,
+        },
         "applications": [serve_application(config, app_name, "/")],
     }
     return yaml.safe_dump(document, sort_keys=False)

@@ -99,6 +99,11 @@ def llm_config(config: ServingConfig) -> dict[str, Any]:
     if on_cpu(config):
         space = engine_number(config, CPU_KV_CACHE_GIB, DEFAULT_CPU_KV_CACHE_GIB)
         env_vars["VLLM_CPU_KVCACHE_SPACE"] = f"{space:g}"
+        # vLLM pins its CPU threads to the first cores it is allowed. Pods without exclusive
+        # cpusets (no static CPU manager) are allowed every core, so every engine on a node
+        # would pin to core 0 and starve the others (found with two replicas on one node:
+        # the second engine took over 5 minutes to build); the kernel schedules them instead.
+        env_vars["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
     result: dict[str, Any] = {
         "model_loading_config": loading,
         "engine_kwargs": engine_kwargs(config),
