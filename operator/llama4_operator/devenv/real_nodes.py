@@ -537,12 +537,13 @@ def delete_network(network: dict[str, Any], nodes: Sequence[dict[str, Any]]) -> 
     for node in nodes:
         if Path("/run/netns", node["netns"]).exists():
             result = _run(["ip", "netns", "delete", node["netns"]], check=False)
-            if result.returncode != 0:
+            if result.returncode != 0 and Path("/run/netns", node["netns"]).exists():
                 left.append(f"netns {node['netns']}: {result.stderr.strip()}")
         _run(["ip", "link", "delete", node["veth"]], check=False)
     if network and Path("/sys/class/net", network["bridge"]).exists():
         result = _run(["ip", "link", "delete", network["bridge"]], check=False)
-        if result.returncode != 0:
+        # Gone all the same when another `down` of the same cluster removed it first.
+        if result.returncode != 0 and Path("/sys/class/net", network["bridge"]).exists():
             left.append(f"bridge {network['bridge']}: {result.stderr.strip()}")
     return left
 
