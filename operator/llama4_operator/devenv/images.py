@@ -284,6 +284,7 @@ OPERATOR_BASE_PACKAGES = (
     "ca-certificates",
 )
 SITE_PACKAGES = "/opt/llama4/lib"
+LLAMA4CTL_ENTRY = "from llama4_operator.cli import main"  # its launcher's import
 # Sources whose content decides the operator image's tag.
 OPERATOR_SOURCES = ("pyproject.toml", "operator", "serving", "images/operator.Containerfile")
 
@@ -370,13 +371,7 @@ def operator_image(progress: Callable[[str], None] = lambda _: None) -> BuiltIma
         progress("installing it with its `operator` extra from PyPI (Python 3.11, manylinux)")
         root = work / "root"
         _uv_target_install(root / SITE_PACKAGES.lstrip("/"), f"{wheel}[operator]")
-        launcher = root / "usr/local/bin/llama4ctl"
-        launcher.parent.mkdir(parents=True)
-        launcher.write_text(
-            "#!/usr/bin/python3\nimport sys\n\nfrom llama4_operator.cli import main\n\n"
-            "sys.exit(main())\n"
-        )
-        launcher.chmod(0o755)
+        _write_launchers(root, {"llama4ctl": LLAMA4CTL_ENTRY})
         progress("writing the image archive")
         layer = work / "app.tar"
         _directory_layer(root, layer)
@@ -412,8 +407,19 @@ PROJECT_PACKAGES = ("llama4_operator", "llama4_serving")
 RAY_LAUNCHERS = {
     "ray": "from ray.scripts.scripts import main",
     "serve": "from ray.serve.scripts import cli as main",
-    "llama4ctl": "from llama4_operator.cli import main",
+    "llama4ctl": LLAMA4CTL_ENTRY,
 }
+
+
+def _write_launchers(root: Path, entries: Mapping[str, str]) -> None:
+    """Console scripts in /usr/local/bin for Debian's Python: `command -> "from m import main"`
+    (uv's own scripts, made for this machine's interpreter, are dropped)."""
+    bin_dir = root / "usr/local/bin"
+    bin_dir.mkdir(parents=True)
+    for command, entry in entries.items():
+        launcher = bin_dir / command
+        launcher.write_text(f"#!/usr/bin/python3\nimport sys\n\n{entry}\n\nsys.exit(main())\n")
+        launcher.chmod(0o755)
 
 
 def _uv() -> str:
@@ -509,12 +515,7 @@ def ray_image(progress: Callable[[str], None] = lambda _: None) -> BuiltImage:
         wheel = _project_wheel(work)
         root = work / "root"
         _uv_target_install(root / SITE_PACKAGES.lstrip("/"), str(wheel), extra=["--no-deps"])
-        bin_dir = root / "usr/local/bin"
-        bin_dir.mkdir(parents=True)
-        for command, entry in RAY_LAUNCHERS.items():
-            launcher = bin_dir / command
-            launcher.write_text(f"#!/usr/bin/python3\nimport sys\n\n{entry}\n\nsys.exit(main())\n")
-            launcher.chmod(0o755)
+        _write_launchers(root, RAY_LAUNCHERS)
         layer = work / "app.tar"
         _directory_layer(root, layer)
         progress("writing the image archive (about 7 GB)")
