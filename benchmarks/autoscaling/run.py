@@ -63,6 +63,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "trend over 5 minutes": {"trend_window_s": 300.0},
     "no drain replicas": {"max_drain_gain": 0.0},
     "no measured saturation": {"saturation_window_s": 1e9},
+    "no one-minute confirmation": {"scale_up_confirm_window_s": 30.0},
     "headroom 0.95 / 0.9 / 0.9": {
         "scale_up_utilization": 0.95,
         "target_utilization": 0.9,

@@ -332,3 +332,57 @@ def test_a_three_minute_swing_is_not_taken_for_a_ramp() -> None:
         samples, _config(trend_window_s=180.0), now_s=1200.0, current_replicas=4
     )
     assert hasty.reason is ScalingReason.SCALE_UP_TREND
+
+
+def test_a_trend_scale_up_needs_the_trend_on_a_minute_of_demand_not_half_a_minute() -> None:
+    # 4 replicas (4000 tokens/s) carry a load rising by 1 token/s every second; in the last
+    # 30 s 3750 arrive, the 30 s before 3250, and no queue forms.
+    def level(t: float) -> float:
+        return 2300.0 + t
+
+    samples = [
+        MetricSample(t, 0.9 * level(t), 0.1 * level(t), 0.0, 4, 4)
+        for t in np.arange(5.0, 1145.0, 5.0).tolist()
+    ]
+    samples += _steady(3250.0, 4, start=1140.0, end=1170.0)
+    samples += _steady(3750.0, 4, start=1170.0, end=1200.0)
+    # 3750 plus the trend's projection (about 300) passes 4000, the minute's 3500 plus it not.
+    held = decide_replicas(samples, _config(), now_s=1200.0, current_replicas=4)
+    assert (held.desired_replicas, held.reason) == (4, ScalingReason.HOLD_STABLE)
+    assert "over 60s and no queue" in held.message
+    # Judged on the 30 s window alone, the same samples scale up.
+    hasty = decide_replicas(
+        samples, _config(scale_up_confirm_window_s=30.0), now_s=1200.0, current_replicas=4
+    )
+    assert hasty.reason is ScalingReason.SCALE_UP_TREND
+    # A queue of more than `saturation_queue_s` of work needs no confirmation.
+    queued = [*samples[:-1], MetricSample(1200.0, 3420.0, 380.0, 8_000.0, 4, 4)]
+    assert decide_replicas(queued, _config(), now_s=1200.0, current_replicas=4).desired_replicas > 4
+
+
+def _saturated_while_replicas_start(asked_at_s: float) -> list[MetricSample]:
+    """4 ready replicas serve 4000 tokens/s in all while 5000 arrive from 1150 s on, so the
+    backlog grows by 1000 tokens/s; 4 more replicas, asked for at `asked_at_s`, still start."""
+    samples = []
+    for t in np.arange(5.0, 1205.0, 5.0).tolist():
+        waiting = max(0.0, 1000.0 * (t - 1150.0))
+        asked = 8 if t > asked_at_s else 4
+        samples.append(MetricSample(t, 3600.0, 400.0, waiting, 4, asked))
+    return samples
+
+
+def test_replicas_still_starting_do_not_drain_a_growing_backlog_before_they_are_ready() -> None:
+    config = _config(cold_start_s=300.0, max_replicas=64)
+    # Asked for 10 s ago, the 4 starting replicas serve only from 290 s on; until then the
+    # backlog grows by 1000 tokens/s, and it must be drained once new replicas are ready.
+    late = decide_replicas(
+        _saturated_while_replicas_start(1190.0), config, now_s=1200.0, current_replicas=8
+    )
+    assert late.reason is ScalingReason.SCALE_UP_BURST
+    # 5000 tokens/s at 950 each, plus 5000 tokens/s of drain at 1000 each.
+    assert late.desired_replicas >= math.ceil(5000.0 / 950.0) + 5
+    # Asked for 290 s ago, they serve in 10 s and clear the backlog: no replica is added.
+    soon = decide_replicas(
+        _saturated_while_replicas_start(910.0), config, now_s=1200.0, current_replicas=8
+    )
+    assert (soon.desired_replicas, soon.reason) == (8, ScalingReason.HOLD_STABLE)

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llama4_operator.planners import eplb
+from llama4_operator.planners import eplb, expert_placement
 from llama4_operator.planners import placement_metrics as m
 from llama4_operator.planners.expert_placement import (
     _GOOD_ENOUGH,
@@ -301,3 +301,23 @@ def test_a_sourced_repair_moves_fewer_copies_than_a_fresh_plan() -> None:
     assert repaired.experts_moved < m.experts_moved(previous, fresh, topology)
     for row in repaired.phy2log:
         assert set(row.tolist()) == set(range(32))
+
+
+def test_small_sourced_layers_keep_more_tokens_on_their_node_with_the_node_program(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Scout's shape with two slots per GPU: the copies per node the integer program picks keep
+    # tokens on their node that the greedy starts send away, within the same balance slack.
+    topology = Topology(2, 8, 2)
+    source = _domains(5, topology, 4, 16)
+    load = source.sum(axis=1)
+
+    def cross_tokens() -> np.ndarray:
+        plan = plan_experts(topology, 4, 16, load, source_load=source)
+        per_layer: np.ndarray = m.dispatch(plan.phy2log, topology, load, source).cross_node_tokens
+        return per_layer
+
+    with_program = cross_tokens()
+    monkeypatch.setattr(expert_placement, "_NODE_PROGRAM_VARIABLES", 0)
+    without_program = cross_tokens()
+    assert with_program.sum() < without_program.sum()

@@ -22,11 +22,17 @@ How it decides, in order:
    shorter window counts if higher, so a step is seen in seconds. Replicas asked for now serve
    only after the cold start, so the backlog to clear then is what waits now less what the
    replicas asked for clear meanwhile (or plus what they fall short by), at the
-   `burst_window_s` rate: a few seconds of surge are not projected over minutes. Extra
-   replicas, counted at full capacity, drain it within `backlog_drain_s` of becoming ready (at
-   most `max_drain_gain` x the arriving rate). When demand exceeds `scale_up_utilization` of
-   the live replicas' capacity (ready or starting), it scales up at once, in one step, to the
-   count that puts the arriving rate at `target_utilization` plus the drain replicas.
+   `burst_window_s` rate: a few seconds of surge are not projected over minutes. While a
+   backlog grows with every batch slot busy, replicas still starting count only from the end
+   of their own cold start, and the ready ones' shortfall is taken at the lower of the
+   `burst_window_s` and `scale_up_confirm_window_s` rates. Extra replicas, counted at full
+   capacity, drain it within `backlog_drain_s` of becoming ready (at most `max_drain_gain` x
+   the arriving rate). When demand exceeds `scale_up_utilization` of the live replicas'
+   capacity (ready or starting), it scales up at once, in one step, to the count that puts
+   the arriving rate at `target_utilization` plus the drain replicas. A scale-up only the
+   trend calls for (the arriving rate fits, no queue of `saturation_queue_s` or growing) needs
+   the trend on top of the `scale_up_confirm_window_s` rate to exceed it too, so a half-minute
+   swing does not undo a scale-down.
 4. Down, slow: only the highest one-minute arrival rate over `scale_down_window_s` (by default
    the longer of 10 minutes and twice the cold start) counts, at `scale_down_utilization`, with
    no backlog, and not within `scale_down_cooldown_s` of the last scale-up. A replica given back
@@ -101,6 +107,8 @@ class TokenPolicyConfig:
     """How long saturation must last before its measured throughput replaces the capacity."""
     max_drain_gain: float = 1.0
     """Replicas added to drain a backlog: at most this share of the arriving rate's need."""
+    scale_up_confirm_window_s: float = 60.0
+    """A scale-up only the trend calls for needs the trend on this window's rate too."""
 
     def __post_init__(self) -> None:
         if not self.capacity_tokens_per_s > 0:
@@ -124,6 +132,7 @@ class TokenPolicyConfig:
             "backlog_drain_s",
             "stale_after_s",
             "saturation_queue_s",
+            "scale_up_confirm_window_s",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
@@ -269,6 +278,68 @@ def _peak_minute_rate(rates: Sequence[tuple[float, float]]) -> float:
     return peak
 
 
+def _starting_replica_seconds(
+    samples: Sequence[MetricSample], now_s: float, cold_start_s: float, starting: int
+) -> float:
+    """Replica-seconds the `starting` replicas serve within the next cold start.
+
+    They are the ones asked for last: each serves from when it was asked plus the cold start
+    (read from the rises of `current_replicas` in the samples; one not found there counts as
+    asked now), so a backlog is not assumed cleared by replicas still loading.
+    """
+    served_s = 0.0
+    left = starting
+    for i in range(len(samples) - 1, 0, -1):
+        if left <= 0:
+            break
+        # A rise between two samples was decided at the older one.
+        added = min(samples[i].current_replicas - samples[i - 1].current_replicas, left)
+        if added > 0:
+            asked_s = samples[i - 1].time_s
+            served_s += added * max(cold_start_s - max(asked_s + cold_start_s - now_s, 0.0), 0.0)
+            left -= added
+    return served_s
+
+
+def _spare_tokens_until_ready(
+    samples: Sequence[MetricSample],
+    cold_start_s: float,
+    now_s: float,
+    current_replicas: int,
+    capacity: float,
+    rate: float,
+    starting_late: bool,
+) -> float:
+    """Tokens the replicas asked for serve beyond `rate` within the next cold start (negative:
+    what they fall short by). With `starting_late`, replicas still starting serve only from
+    the end of their own cold start; otherwise every replica asked for counts from now."""
+    if not starting_late:
+        return (capacity * current_replicas - rate) * cold_start_s
+    ready = min(samples[-1].ready_replicas, current_replicas)
+    starting_s = _starting_replica_seconds(samples, now_s, cold_start_s, current_replicas - ready)
+    return (capacity * ready - rate) * cold_start_s + capacity * starting_s
+
+
+def _drain_rate(
+    samples: Sequence[MetricSample],
+    config: TokenPolicyConfig,
+    now_s: float,
+    current_replicas: int,
+    capacity: float,
+    rate: float,
+    starting_late: bool,
+    arriving: float,
+) -> float:
+    """Tokens/s of extra replicas that drain, within `backlog_drain_s` of becoming ready, the
+    backlog left when a replica asked for now is ready, with `rate` arriving meanwhile (at
+    most `max_drain_gain` x `arriving`)."""
+    spare = _spare_tokens_until_ready(
+        samples, config.cold_start_s, now_s, current_replicas, capacity, rate, starting_late
+    )
+    backlog_at_ready = max(samples[-1].waiting_tokens - spare, 0.0)
+    return min(backlog_at_ready / config.backlog_drain_s, config.max_drain_gain * arriving)
+
+
 def _clamp(
     desired: int,
     reason: ScalingReason,
@@ -341,7 +412,8 @@ def decide_replicas(
     # A saturation going on now, or seen within the scale-down window, shows what a replica
     # serves for the current mix when that is less than the set capacity.
     capacity_up = capacity
-    if episodes and episodes[-1][0] >= latest.time_s:
+    saturated_now = bool(episodes) and episodes[-1][0] >= latest.time_s
+    if saturated_now:
         capacity_up = min(capacity, episodes[-1][1])
     down_window = config.effective_scale_down_window_s
     recent = [c for t, c in episodes if t > now_s - down_window]
@@ -351,7 +423,8 @@ def decide_replicas(
     per_replica_up = capacity_up * config.target_utilization
     rates = _arrival_rates(samples)
     arriving = _mean(_window(rates, now_s, config.burst_window_s))
-    if _backlog_keeps_growing(samples, config.surge_window_s):
+    surging = _backlog_keeps_growing(samples, config.surge_window_s)
+    if surging:
         # A surge: the short window shows the new level before the long one catches up.
         arriving = max(arriving, _mean(_window(rates, now_s, config.surge_window_s)))
     trend = _trend_per_s(_window(rates, now_s, config.trend_window_s))
@@ -363,17 +436,38 @@ def decide_replicas(
     # drain what remains within `backlog_drain_s` of becoming ready (at most
     # `max_drain_gain` of the arriving rate).
     sustained = _mean(_window(rates, now_s, config.burst_window_s))
-    spare = capacity_up * current_replicas - sustained
-    backlog_at_ready = max(latest.waiting_tokens - spare * config.cold_start_s, 0.0)
-    drain_rate = min(backlog_at_ready / config.backlog_drain_s, config.max_drain_gain * arriving)
+    confirmed_rate = _mean(_window(rates, now_s, config.scale_up_confirm_window_s))
+    # While a backlog grows with every slot busy, replicas still starting count from the end
+    # of their cold start, and a half-minute swing is not projected over a long cold start.
+    starting_late = saturated_now and surging
+    drain_rate = _drain_rate(
+        samples,
+        config,
+        now_s,
+        current_replicas,
+        capacity_up,
+        min(sustained, confirmed_rate) if starting_late else sustained,
+        starting_late,
+        arriving,
+    )
     projected = arriving + gain + drain_rate
-    short_now = arriving + drain_rate > per_replica_trigger * current_replicas
-    short_ahead = projected > per_replica_trigger * current_replicas
+    live_capacity = per_replica_trigger * current_replicas
+    short_now = arriving + drain_rate > live_capacity
+    short_ahead = projected > live_capacity
+    # A scale-up the trend calls for while the arriving rate fits and no queue builds needs
+    # the trend on top of the confirmation window's rate (the resolution scale-downs are
+    # judged at) too: a half-minute swing would otherwise add a replica just given back.
+    unconfirmed = (
+        short_ahead
+        and not short_now
+        and not (surging or _queue_delay_s(latest) >= config.saturation_queue_s)
+        and confirmed_rate + gain + drain_rate <= live_capacity
+    )
     sized = max(
         math.ceil((arriving + gain) / per_replica_up + drain_rate / capacity_up - 1e-9),
         current_replicas + 1,
     )
-    if short_ahead:
+    if short_ahead and not unconfirmed:
         reason = ScalingReason.SCALE_UP_BURST if short_now else ScalingReason.SCALE_UP_TREND
         return _clamp(
             sized,
@@ -418,5 +512,10 @@ def decide_replicas(
         config,
         projected,
         capacity_up,
-        f"holding {current_replicas}: demand {projected:.0f} tokens/s within target",
+        f"holding {current_replicas}: demand {projected:.0f} tokens/s "
+        + (
+            f"within target over {config.scale_up_confirm_window_s:.0f}s and no queue"
+            if unconfirmed
+            else "within target"
+        ),
     )

@@ -29,9 +29,11 @@ numba in `placement_search`, which recomputes only the two experts a move touche
 sources the search also runs from EPLB's global packing and keeps the better result. With sources
 on several nodes it runs from three starts (copies shared out to nodes by demand, copies near
 their sources, and EPLB's hierarchical layout, or the plan blind to sources when the experts do
-not divide by the nodes), adds EPLB's hierarchical and global layouts unsearched, judges each by
-its busiest GPU over drifted windows (`_drifted_peak`), and keeps the one sending the fewest
-tokens off their node among those within `balance_slack` of the best.
+not divide by the nodes), adds EPLB's hierarchical and global layouts unsearched, and on small
+layers (`_NODE_PROGRAM_VARIABLES`) the copies per node that send the fewest tokens off their node
+under caps on node and copy load, solved exactly by HiGHS (`node_copies`), packed and searched;
+it judges each by its busiest GPU over drifted windows (`_drifted_peak`), and keeps the one
+sending the fewest tokens off their node among those within `balance_slack` of the best.
 
 Also here: `decide_rebalance`, the pure decision the operator's rebalance loop takes.
 """
@@ -75,6 +77,15 @@ _KEEP_CROSS_SLACK = 1.1
 # Move budgets a repair tries in turn, as shares of a layer's slots, before falling back to the
 # fresh plan (EPLB's plan from scratch moves most of the slots).
 _MOVE_SHARES = (0.05, 0.1, 0.2)
+# `node_copies`' integer program runs for layers with at most this many variables (experts x
+# nodes x (GPUs per node + 1)): Scout's 288 solve in about 10 ms; Maverick's 2,000 to 4,600 per
+# layer are left to the heuristics, to keep `llama4ctl plan experts` within its 2 s.
+_NODE_PROGRAM_VARIABLES = 1000
+_NODE_PROGRAM_SECONDS = 0.2
+# Caps on one copy's tokens, as shares of a GPU's mean load, for the program's candidates: lower
+# keeps the balance, higher keeps more tokens on their node; the planner picks among them.
+_COPY_CAPS = (0.6, 0.65, 0.7)
+_NODE_PROGRAM_NODE_SLACK = 0.02
 # A fresh plan stops searching at this layer balance: past it, moves mostly fit the sampling
 # noise of one window, which the next window does not repeat.
 _GOOD_ENOUGH = 0.995
@@ -244,12 +255,55 @@ def _construct_by_node_demand(layer: _Layer, counts: IntArray) -> IntArray:
         topology.slots // nodes,
         per_node,
     )
+    return _pack_on_nodes(layer, on_node)
+
+
+def _pack_on_nodes(layer: _Layer, on_node: IntArray) -> IntArray:
+    """Each node's copies (`on_node` [experts, nodes]) packed onto its GPUs, heaviest first,
+    each on the least loaded GPU that lacks the expert."""
+    assert layer.node_demand is not None
+    demand = layer.node_demand.T  # [experts, nodes]
     # Tokens from nodes without a copy split evenly over all copies.
-    spill = np.where(on_node == 0, demand, 0.0).sum(axis=1) / counts
+    spill = np.where(on_node == 0, demand, 0.0).sum(axis=1) / on_node.sum(axis=1)
     weight = np.where(on_node > 0, demand / np.maximum(on_node, 1), 0.0) + spill[:, None]
     return placement_search.pack_nodes(
-        on_node, np.ascontiguousarray(weight), per_node, topology.slots_per_gpu
+        np.ascontiguousarray(on_node, dtype=np.int64),
+        np.ascontiguousarray(weight),
+        layer.topology.gpus_per_node,
+        layer.topology.slots_per_gpu,
     )
+
+
+def _node_program_fits(layer: _Layer) -> bool:
+    """Whether the layer is small enough for `node_copies`' integer program
+    (`_NODE_PROGRAM_VARIABLES`)."""
+    topology = layer.topology
+    variables = layer.experts * topology.nodes * (topology.gpus_per_node + 1)
+    return layer.node_demand is not None and variables <= _NODE_PROGRAM_VARIABLES
+
+
+def _node_program_starts(layer: _Layer) -> list[IntArray]:
+    """Placements from the copies per node that send the fewest tokens off their node
+    (`node_copies`, solved by HiGHS), one per copy cap in `_COPY_CAPS`, packed onto GPUs."""
+    # Imported here: scipy.optimize is slow to import, and only small layers use it.
+    from llama4_operator.planners.node_copies import node_copies  # noqa: PLC0415
+
+    assert layer.node_demand is not None
+    topology = layer.topology
+    total = float(layer.load.sum())
+    starts = []
+    for cap in _COPY_CAPS:
+        on_node = node_copies(
+            np.ascontiguousarray(layer.node_demand.T),
+            topology.gpus_per_node,
+            topology.slots_per_gpu,
+            node_cap=total / topology.nodes * (1 + _NODE_PROGRAM_NODE_SLACK),
+            copy_cap=cap * total / topology.gpus,
+            time_limit=_NODE_PROGRAM_SECONDS,
+        )
+        if on_node is not None:
+            starts.append(_pack_on_nodes(layer, on_node))
+    return starts
 
 
 @dataclass(frozen=True)
@@ -475,6 +529,13 @@ def _fresh(layer: _Layer, counts: IntArray, balance_slack: float) -> _Searched:
             max(shared_cap, _cross(layer, shared_start)),
         )
     )
+    if _node_program_fits(layer):
+        # The copies per node that keep the most tokens on their node, found exactly; searched
+        # for balance without sending more tokens off their node.
+        for start in _node_program_starts(layer):
+            candidates.append(
+                _search(layer, start, mean / _GOOD_ENOUGH, None, _cross(layer, start))
+            )
     drifted = [_drifted_peak(layer, candidate.slots) for candidate in candidates]
     floor = mean / min(drifted) - balance_slack
     eligible = [
