@@ -35,7 +35,7 @@ from tenacity import (
 from llama4_operator.api.models import GROUP, KIND, PLURAL, VERSION
 from llama4_operator.planners.cluster_placement import GpuNode, NodeTaint
 from llama4_operator.planners.gpu_products import GPU_RESOURCE, MEMORY_LABEL, PRODUCT_LABEL
-from llama4_operator.renderers.children import DEPLOYMENT_LABEL
+from llama4_operator.renderers.children import DEPLOYMENT_LABEL, Owner
 
 Object = dict[str, Any]
 T = TypeVar("T")
@@ -86,9 +86,7 @@ class KubeApi(Protocol):
 
     async def scale(self, namespace: str, name: str, replicas: int) -> None: ...
 
-    def post_event(
-        self, body: Mapping[str, Any], type_: str, reason: str, message: str
-    ) -> None: ...
+    def post_event(self, about: Owner, type_: str, reason: str, message: str) -> None: ...
 
 
 def _status_of(error: BaseException) -> int | None:
@@ -509,6 +507,12 @@ class Kube:
 
         await _call(f"scale {namespace}/{name} to {replicas} replicas", run)
 
-    def post_event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
-        # Kopf queues the event and posts it from its own task, with its own retries.
-        kopf.event(cast(Any, body), type=type_, reason=reason, message=message[:1024])
+    def post_event(self, about: Owner, type_: str, reason: str, message: str) -> None:
+        """An event about a Llama4Deployment. Kopf queues it and posts it from its own task,
+        with its own retries; it needs only what refers to the object."""
+        reference = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": KIND,
+            "metadata": {"name": about.name, "namespace": about.namespace, "uid": about.uid},
+        }
+        kopf.event(cast(Any, reference), type=type_, reason=reason, message=message[:1024])

@@ -1,4 +1,5 @@
-"""External-Ray mode: deploy Serve applications through an existing Ray cluster's dashboard.
+"""A Ray dashboard's Serve REST API: external-Ray mode deploys Serve applications through it,
+and both modes read Serve's replica states from it.
 
 Ray's Serve REST API (https://docs.ray.io/en/latest/serve/api/rest-api.html): `PUT
 /api/serve/applications/` declaratively deploys a *complete* list of applications and removes any
@@ -8,8 +9,9 @@ and puts the whole list back. Applications deployed imperatively (no `deployed_a
 be carried over; the dashboard refuses to mix the two, which surfaces as a temporary error.
 
 Ray clusters with token authentication (`RAY_AUTH_MODE=token`) want the token as a bearer token:
-it is read from `token_file` (a mounted Secret; read on every call, so a rotated Secret takes
-effect without a restart), else from `RAY_AUTH_TOKEN`. A refused token is not a blip to retry
+it is given (`token`, as read from KubeRay's Secret of a RayService's cluster), else read from
+`token_file` (a mounted Secret; read on every call, so a rotated Secret takes effect without a
+restart), else from `RAY_AUTH_TOKEN`. A refused token is not a blip to retry
 soon: it raises `RayAuthenticationError`, whose message names the fix.
 """
 
@@ -43,12 +45,19 @@ class RayDashboard:
         url: str,
         transport: httpx.AsyncBaseTransport | None = None,
         token_file: str | None = None,
+        *,
+        token: str | None = None,
+        timeout_s: float = TIMEOUT_S,
     ) -> None:
         self.url = url.rstrip("/")
         self._transport = transport
         self.token_file = token_file
+        self.token = token
+        self.timeout_s = timeout_s
 
     def _token(self) -> str | None:
+        if self.token is not None:
+            return self.token
         if self.token_file is None:
             return os.environ.get(TOKEN_ENV) or None
         try:
@@ -65,12 +74,14 @@ class RayDashboard:
         token = self._token()
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return httpx.AsyncClient(
-            base_url=self.url, timeout=TIMEOUT_S, headers=headers, transport=self._transport
+            base_url=self.url, timeout=self.timeout_s, headers=headers, transport=self._transport
         )
 
     def _refused(self, response: httpx.Response) -> RayAuthenticationError:
         given = (
-            f"the token from {self.token_file}"
+            "the Ray cluster's token"
+            if self.token is not None
+            else f"the token from {self.token_file}"
             if self.token_file
             else f"${TOKEN_ENV}"
             if os.environ.get(TOKEN_ENV)

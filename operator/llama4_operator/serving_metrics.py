@@ -76,21 +76,6 @@ class DeploymentTarget:
     engine: str = "reference"
     """spec.engine.name: which series the replicas export."""
 
-    @classmethod
-    def of(
-        cls, body: Mapping[str, Any], served_model_name: str | None, engine: str = "reference"
-    ) -> DeploymentTarget:
-        """The target of a Llama4Deployment object (`served_model_name`, `engine`: from its
-        spec)."""
-        meta = body["metadata"]
-        return cls(
-            namespace=meta["namespace"],
-            name=meta["name"],
-            served_model_name=served_model_name or meta["name"],
-            endpoint=str((body.get("status") or {}).get("endpoint") or ""),
-            engine=engine,
-        )
-
 
 class MetricsUnavailable(Exception):  # noqa: N818 - the shared interface fixes this name
     """No usable reading; str(error) says why (for status and events)."""

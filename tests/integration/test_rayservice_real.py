@@ -45,6 +45,8 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1500)]
 
 NAME = "tiny"
 REQUEST_TIMEOUT_S = 60  # spec.serving.requestTimeoutSeconds: the Serve proxy's 408 after this
+# A tiny model's answer on a running engine takes well under a second, even on busy cores.
+READY_ANSWER_S = 20
 CLIENT_TIMEOUT_S = 150  # well past it: a client that waits this long saw a request hang
 
 
@@ -232,7 +234,8 @@ def test_scaling_one_two_one_through_the_ray_service_keeps_serving(deployed: Dep
         assert groups == ["r0-w0", "r1-w0"]
         _scale(deployed, 1)
         wait_for(lambda: _serving(deployed, 1), 300, "back to one replica serving")
-        time.sleep(5)  # requests on the remaining replica after the scale-down settled
+        settled = outcomes.counts["200"]
+        wait_for(lambda: outcomes.counts["200"] >= settled + 5, 60, "answers after the scale-down")
     print(f"requests while scaling 1 -> 2 -> 1: {dict(outcomes.counts)}")
     assert set(outcomes.counts) == {"200"}, outcomes.counts
     assert outcomes.counts["200"] > 20
@@ -258,6 +261,16 @@ def test_a_worker_pod_killed_under_load_is_replaced_and_no_request_hangs(
         assert lost["reason"] == "RayWorkerLost", lost
         assert "r0-w0" in lost["message"]
         wait_for(lambda: _serving(deployed, 1), 600, "Ready again on a replacement worker")
+        # Ready means the engine answers: KubeRay says the application is healthy a minute
+        # before vLLM has rebuilt its engine on the new pod, which the operator must not trust.
+        started = time.monotonic()
+        reply = httpx.post(
+            f"{deployed.base_url}/chat/completions",
+            json={"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+            timeout=READY_ANSWER_S,
+        )
+        assert reply.status_code == 200, reply.text
+        print(f"first answer after Ready came back: {time.monotonic() - started:.1f} s")
         answered_before = outcomes.counts["200"]
         wait_for(lambda: outcomes.counts["200"] >= answered_before + 3, 120, "answers after")
     [replacement] = deployed.worker_pods()

@@ -1,7 +1,8 @@
 """The one in-memory fake of the kube access layer (`llama4_operator.kube.KubeApi`) that the unit
 tests hand to the reconciler, the autoscaler and the rebalance loop. It keeps objects keyed by
 (kind, namespace, name) with server-side-apply semantics, and records every write the code under
-test makes, so tests assert on what was applied, patched, scaled and posted."""
+test makes, so tests assert on what was applied, patched, scaled and posted. `typed` turns a test's
+Llama4Deployment document into the typed object the handlers take."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import json
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from llama4_operator.api.models import KIND
+from llama4_operator.handlers.resource import Llama4Deployment
 from llama4_operator.kube import CHILD_KINDS, Object, owned_by
 from llama4_operator.planners.cluster_placement import GpuNode
-from llama4_operator.renderers.children import DEPLOYMENT_LABEL
+from llama4_operator.renderers.children import DEPLOYMENT_LABEL, Owner
 
 if TYPE_CHECKING:
     from llama4_operator.kube import KubeApi
@@ -100,7 +103,11 @@ class FakeKube:
         return copy.deepcopy(stored)
 
     async def get(self, api_version: str, kind: str, namespace: str, name: str) -> Object | None:
-        found = self.objects.get((kind, namespace, name))
+        found = (
+            self._held(namespace, name)
+            if kind == KIND
+            else self.objects.get((kind, namespace, name))
+        )
         return copy.deepcopy(found) if found is not None else None
 
     async def prune_children(
@@ -139,8 +146,15 @@ class FakeKube:
         if held is not None:
             held.setdefault("spec", {})["replicas"] = replicas
 
-    def post_event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+    def post_event(self, about: Owner, type_: str, reason: str, message: str) -> None:
         self.events.append(Event(type_, reason, message))
+
+
+def typed(body: Mapping[str, Any]) -> Llama4Deployment:
+    """A test's Llama4Deployment document as the Kopf handlers hand it on (uid and generation
+    filled in where the document has none)."""
+    metadata = {"uid": "uid-1", "generation": 1, **body["metadata"]}
+    return Llama4Deployment.from_body({**body, "metadata": metadata})
 
 
 if TYPE_CHECKING:

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fake_kube import FakeKube
+from fake_kube import FakeKube, typed
 from llama4_operator import metrics
 from llama4_operator.api.models import AutoscalingSpec
 from llama4_operator.handlers.autoscale import OFF_MESSAGE, Autoscaler
@@ -420,7 +420,7 @@ def exported(metric: str, **labels: str) -> float | None:
 
 
 def tick(autoscaler: Autoscaler, obj: dict[str, Any]) -> None:
-    asyncio.run(autoscaler.tick(obj, LOG))
+    asyncio.run(autoscaler.tick(typed(obj), LOG))
 
 
 def test_load_above_capacity_scales_up_and_records_the_decision() -> None:

@@ -3,8 +3,13 @@ and the certificates the control plane trusts."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import io
 import json
+import os
 import stat
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -12,7 +17,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from llama4_operator.api.models import Llama4DeploymentSpec
-from llama4_operator.devenv import pki, real_nodes, tools
+from llama4_operator.devenv import images, pki, real_nodes, tools
 from llama4_operator.devenv.demo import WEIGHTS_CLAIM, on_real_node, tiny_manifest, weights_volume
 from llama4_operator.devenv.local_prometheus import ScrapeTargets, prometheus_config
 from llama4_operator.devenv.nodes import (
@@ -230,3 +235,65 @@ def test_the_demo_pins_its_ray_pods_to_the_real_node_and_reads_weights_from_a_cl
     assert claim["metadata"] == {"name": WEIGHTS_CLAIM, "namespace": "llama4-demo"}
     assert claim["spec"]["volumeName"] == volume["metadata"]["name"]
     assert volume["spec"]["accessModes"] == claim["spec"]["accessModes"] == ["ReadOnlyMany"]
+
+
+def _node(tmp_path: Path, index: int) -> real_nodes.RealNode:
+    network = real_nodes.NodeNetwork("abc123", "l4babc123", "10.250.7.0/24", "10.250.7.1")
+    node = network.node(index, gpus=1)
+    return dataclasses.replace(node, directory=tmp_path / "nodes" / f"node-{index}")
+
+
+def test_a_stopped_nodes_images_go_to_the_next_node_and_never_to_two(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLAMA4_CACHE_DIR", str(tmp_path / "cache"))
+    first, second, third = (_node(tmp_path, i) for i in range(3))
+    assert not real_nodes.claim_image_store(first)  # nothing kept yet: an empty root
+    blob = real_nodes.containerd_root(first) / "io.containerd.content.v1.content" / "blob"
+    blob.parent.mkdir(parents=True)
+    blob.write_text("layer")
+    real_nodes.keep_image_store(first)
+    assert not real_nodes.containerd_root(first).exists()
+
+    assert real_nodes.claim_image_store(second)
+    assert (real_nodes.containerd_root(second) / blob.relative_to(blob.parents[1])).read_text()
+    assert not real_nodes.claim_image_store(third), "one kept root goes to one node"
+
+
+def test_only_the_most_recently_kept_image_stores_stay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLAMA4_CACHE_DIR", str(tmp_path / "cache"))
+    nodes = [_node(tmp_path, i) for i in range(real_nodes.KEPT_IMAGE_STORES + 1)]
+    for age, node in enumerate(nodes):
+        root = real_nodes.containerd_root(node)
+        root.mkdir(parents=True)
+        (root / "built").write_text(str(age))
+        real_nodes.keep_image_store(node)
+        for store in real_nodes.image_stores_dir().iterdir():  # older ones older on the clock
+            os.utime(store, (store.stat().st_atime - 10, store.stat().st_mtime - 10))
+    kept = sorted((p / "built").read_text() for p in real_nodes.image_stores_dir().iterdir())
+    assert kept == [str(age) for age in range(1, real_nodes.KEPT_IMAGE_STORES + 1)]
+    newest = _node(tmp_path, 9)
+    assert real_nodes.claim_image_store(newest)
+    assert (real_nodes.containerd_root(newest) / "built").read_text() == str(len(nodes) - 1)
+
+
+def test_an_image_archive_names_its_image_and_manifest(tmp_path: Path) -> None:
+    layer = tmp_path / "layer.tar"
+    with tarfile.open(layer, "w") as tar:
+        info = tarfile.TarInfo("hello")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    archive = tmp_path / "image.tar"
+    images.write_oci_archive(archive, "llama4.dev/hello:1", [layer], images.ImageConfig())
+    found = images.archived_image(archive)
+    assert found.name == "llama4.dev/hello:1"
+    with tarfile.open(archive) as tar:
+        blob = tar.extractfile(f"blobs/sha256/{found.digest.removeprefix('sha256:')}")
+        assert blob is not None
+        manifest = json.load(blob)
+    assert (
+        manifest["layers"][0]["digest"]
+        == "sha256:" + hashlib.sha256(layer.read_bytes()).hexdigest()
+    )

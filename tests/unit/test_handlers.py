@@ -4,6 +4,7 @@ fit failures, invalid specs, honest health, external-Ray mode and the Kopf setti
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 from datetime import UTC, datetime, timedelta
@@ -16,7 +17,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from fake_kube import FakeKube
+from fake_kube import FakeKube, typed
 from llama4_operator import metrics
 from llama4_operator.cli.operator_main import operator_command
 from llama4_operator.handlers.config import (
@@ -55,7 +56,7 @@ def body(sample: str, status: dict[str, Any] | None = None, **changes: Any) -> d
 def run(
     reconciler: Reconciler, obj: dict[str, Any], workers: list[RayWorkerPod] | None = None
 ) -> None:
-    asyncio.run(reconciler.reconcile(obj, LOG, workers))
+    asyncio.run(reconciler.reconcile(typed(obj), LOG, workers))
 
 
 def conditions(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -196,11 +197,18 @@ def test_a_scale_up_kuberay_has_not_read_yet_counts_only_the_replicas_already_up
     assert kube.statuses[-1]["readyReplicas"] == 2
 
 
+def unreachable_head(request: httpx.Request) -> httpx.Response:
+    raise httpx.ConnectError("no route to host", request=request)
+
+
 def test_a_lost_ray_worker_pod_degrades_the_deployment_until_kuberay_replaces_it() -> None:
     # Serve (through KubeRay) still says RUNNING for a minute after a worker pod is killed;
-    # the operator's pod index shows the loss at once.
+    # the operator's pod index shows the loss at once. The head does not answer: KubeRay's
+    # view and the pods decide.
     kube = FakeKube(h100_hosts(2))
-    reconciler = Reconciler(kube, CONFIG, clock=lambda: START)
+    reconciler = Reconciler(
+        kube, CONFIG, clock=lambda: START, head_transport=httpx.MockTransport(unreachable_head)
+    )
     run(reconciler, body("maverick", replicas=2))
     kube.objects[("RayService", "llm", "maverick")]["status"] = {
         "activeServiceStatus": {"applicationStatuses": {"maverick": {"status": "RUNNING"}}}
@@ -241,7 +249,9 @@ def test_a_lost_ray_worker_pod_degrades_the_deployment_until_kuberay_replaces_it
 
 def test_the_worker_pod_of_a_replica_being_added_is_starting_not_lost() -> None:
     kube = FakeKube(h100_hosts(2))
-    reconciler = Reconciler(kube, CONFIG, clock=lambda: START)
+    reconciler = Reconciler(
+        kube, CONFIG, clock=lambda: START, head_transport=httpx.MockTransport(unreachable_head)
+    )
     run(reconciler, body("maverick"))
     kube.objects[("RayService", "llm", "maverick")]["status"] = {
         "activeServiceStatus": {"applicationStatuses": {"maverick": {"status": "RUNNING"}}}
@@ -262,6 +272,150 @@ def test_the_worker_pod_of_a_replica_being_added_is_starting_not_lost() -> None:
     assert found["Progressing"]["status"] == "True"
     new_events = kube.events[events_before:]
     assert not [e for e in new_events if e[0] == "Warning"], new_events
+
+
+class FakeHead:
+    """A RayService's head as the operator reads it: Serve's details of the tiny app, whose
+    engine replicas run on the given Ray node IPs, behind KubeRay's token."""
+
+    def __init__(self, token: str | None) -> None:
+        self.token = token  # None: no authentication
+        self.engines: list[tuple[str, str]] = []  # (state, node IP)
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        expected = None if self.token is None else f"Bearer {self.token}"
+        if request.headers.get("Authorization") != expected:
+            return httpx.Response(401, text="Unauthorized")
+        replicas = [
+            {"replica_id": f"r{i}", "state": state, "node_ip": ip}
+            for i, (state, ip) in enumerate(self.engines)
+        ]
+        return httpx.Response(
+            200,
+            json={
+                "applications": {
+                    "tiny": {
+                        "status": "RUNNING",
+                        "deployments": {
+                            "OpenAIIngress": {"status": "HEALTHY", "replicas": []},
+                            "LLMServer:tiny": {"status": "HEALTHY", "replicas": replicas},
+                        },
+                    }
+                }
+            },
+        )
+
+
+def _running_ray_service(kube: FakeKube) -> None:
+    """What KubeRay writes once the tiny app is healthy, and its cluster's token Secret."""
+    ray_service = kube.objects[("RayService", "llm", "tiny")]
+    ray_service["status"] = {
+        "activeServiceStatus": {
+            "rayClusterName": "tiny-raycluster-x7k2p",
+            "applicationStatuses": {"tiny": {"status": "RUNNING"}},
+        }
+    }
+    kube.objects[("Secret", "llm", "tiny-raycluster-x7k2p")] = {
+        "data": {"auth_token": base64.b64encode(b"s3cret").decode()}
+    }
+
+
+def _tiny_running_behind(head: FakeHead) -> tuple[FakeKube, Reconciler]:
+    """The tiny vLLM sample reconciled once, then reported RUNNING by KubeRay, its Ray head
+    answering as `head` does."""
+    kube = FakeKube(h100_hosts(1))
+    reconciler = Reconciler(
+        kube, CONFIG, clock=lambda: START, head_transport=httpx.MockTransport(head)
+    )
+    run(reconciler, body("tiny-vllm"))
+    _running_ray_service(kube)
+    return kube, reconciler
+
+
+def test_ready_waits_for_the_engine_on_a_replaced_worker_pod_to_run() -> None:
+    # After a worker pod is lost, KubeRay reports the application RUNNING while Serve still
+    # lists the old engine replica RUNNING on the dead pod, then STARTING on the new one while
+    # vLLM builds its engine: only an engine RUNNING on a Ready pod serves.
+    head = FakeHead("s3cret")
+    kube, reconciler = _tiny_running_behind(head)
+    old_pod = RayWorkerPod("w-old", "r0-w0", ready=True, ip="10.244.0.7")
+    head.engines = [("RUNNING", "10.244.0.7")]
+    run(reconciler, body("tiny-vllm", status=kube.statuses[-1]), [old_pod])
+    found = conditions(kube.statuses[-1])
+    assert (found["Ready"]["status"], found["Ready"]["reason"]) == (
+        "True",
+        "ServeApplicationRunning",
+    )
+    assert str(head.requests[-1].url) == (
+        "http://tiny-raycluster-x7k2p-head-svc.llm.svc:8265/api/serve/applications/"
+    )
+
+    run(reconciler, body("tiny-vllm", status=kube.statuses[-1]), [])  # the pod is gone
+    assert conditions(kube.statuses[-1])["Degraded"]["reason"] == "RayWorkerLost"
+
+    new_pod = RayWorkerPod("w-new", "r0-w0", ready=True, ip="10.244.0.9")
+    for engines in ([("RUNNING", "10.244.0.7")], [("STARTING", "10.244.0.9")]):
+        head.engines = engines
+        run(reconciler, body("tiny-vllm", status=kube.statuses[-1]), [new_pod])
+        status = kube.statuses[-1]
+        found = conditions(status)
+        assert (found["Ready"]["status"], found["Ready"]["reason"]) == ("False", "RayWorkerLost")
+        assert found["Ready"]["message"] == (
+            "0 of 1 engine replicas running; Serve is starting the others"
+        )
+        assert found["Degraded"]["status"] == "True"
+        assert status["readyReplicas"] == 0
+
+    head.engines = [("RUNNING", "10.244.0.9")]
+    run(reconciler, body("tiny-vllm", status=kube.statuses[-1]), [new_pod])
+    found = conditions(kube.statuses[-1])
+    assert (found["Ready"]["status"], found["Degraded"]["status"]) == ("True", "False")
+    assert kube.statuses[-1]["readyReplicas"] == 1
+
+
+def test_an_engine_restarting_without_a_lost_pod_is_starting_not_degraded() -> None:
+    head = FakeHead("s3cret")
+    kube, reconciler = _tiny_running_behind(head)
+    head.engines = [("STARTING", "10.244.0.7")]
+    pod = RayWorkerPod("w", "r0-w0", ready=True, ip="10.244.0.7")
+    run(reconciler, body("tiny-vllm", status=kube.statuses[-1]), [pod])
+    found = conditions(kube.statuses[-1])
+    assert (found["Ready"]["status"], found["Ready"]["reason"]) == ("False", "EngineStarting")
+    assert (found["Progressing"]["status"], found["Degraded"]["status"]) == ("True", "False")
+
+
+def test_a_head_that_refuses_or_does_not_answer_leaves_kuberays_view() -> None:
+    head = FakeHead("another token")  # refuses the Secret's
+    kube, reconciler = _tiny_running_behind(head)
+    pod = RayWorkerPod("w", "r0-w0", ready=True, ip="10.244.0.7")
+    run(reconciler, body("tiny-vllm", status=kube.statuses[-1]), [pod])
+    assert head.requests, "the head was asked"
+    assert conditions(kube.statuses[-1])["Ready"]["status"] == "True"
+    del kube.objects[("Secret", "llm", "tiny-raycluster-x7k2p")]
+    run(reconciler, body("tiny-vllm", status=kube.statuses[-1]), [pod])
+    assert conditions(kube.statuses[-1])["Ready"]["status"] == "True"
+
+
+def test_the_head_is_read_without_a_token_when_authentication_is_disabled() -> None:
+    def without_authentication(status: dict[str, Any] | None = None) -> dict[str, Any]:
+        document = body("tiny-vllm", status)
+        document["spec"].setdefault("serving", {})["rayAuthentication"] = "disabled"
+        return document
+
+    head = FakeHead(None)
+    kube = FakeKube(h100_hosts(1))
+    reconciler = Reconciler(
+        kube, CONFIG, clock=lambda: START, head_transport=httpx.MockTransport(head)
+    )
+    run(reconciler, without_authentication())
+    _running_ray_service(kube)
+    head.engines = [("STARTING", "10.244.0.7")]
+    pod = RayWorkerPod("w", "r0-w0", ready=True, ip="10.244.0.7")
+    run(reconciler, without_authentication(kube.statuses[-1]), [pod])
+    assert head.requests, "the head was asked"
+    assert conditions(kube.statuses[-1])["Ready"]["reason"] == "EngineStarting"
 
 
 def test_a_configuration_update_is_not_ready_when_the_host_gives_no_replica_counts() -> None:
@@ -426,6 +580,37 @@ def test_replicas_without_room_mark_degraded() -> None:
     assert found["Degraded"]["status"] == "True"
     assert found["Degraded"]["reason"] == "InsufficientFreeGPUs"
     assert kube.statuses[-1]["replicas"] == 1
+
+
+def test_a_recovery_from_degraded_is_not_announced_as_a_degradation() -> None:
+    kube = FakeKube(h100_hosts(1))
+    reconciler = Reconciler(kube, CONFIG, clock=lambda: START)
+    run(reconciler, body("maverick", replicas=2))
+    kube.events.clear()
+    run(reconciler, body("maverick", status=kube.statuses[-1], replicas=1))
+    assert conditions(kube.statuses[-1])["Degraded"]["status"] == "False"
+    assert ("Normal", "AsExpected", "not Degraded: every replica is placed") in kube.events
+    assert not [e for e in kube.events if e.message.startswith("Degraded:") and e.type == "Normal"]
+
+
+def test_the_reconciler_writes_its_part_of_the_status_and_leaves_the_others() -> None:
+    theirs = {
+        "tokensPerSecond": 12.5,
+        "autoscaling": {"managesReplicas": True, "desiredReplicas": 1},
+        "placement": {"rebalanceMessage": "balance 0.920 is at or above 0.800", "rebalances": 2},
+    }
+    document = body("maverick", status=json.loads(json.dumps(theirs)))
+    kube = FakeKube(h100_hosts(1), deployment=document)
+    run(Reconciler(kube, CONFIG, clock=lambda: START), document)
+    (patch,) = kube.statuses
+    assert not {"tokensPerSecond", "autoscaling"} & patch.keys()
+    assert not {"rebalanceMessage", "rebalances", "measuredBalance"} & patch["placement"].keys()
+    status = document["status"]
+    assert status["tokensPerSecond"] == theirs["tokensPerSecond"]
+    assert status["autoscaling"] == theirs["autoscaling"]
+    assert status["placement"]["rebalanceMessage"] == "balance 0.920 is at or above 0.800"
+    assert status["placement"]["rebalances"] == 2
+    assert status["placement"]["expertPlanVersion"] == patch["placement"]["expertPlanVersion"]
 
 
 def test_external_ray_mode_puts_the_app_and_keeps_the_others() -> None:

@@ -5,6 +5,7 @@ threshold, without metrics, before its interval and when disabled."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 from datetime import UTC, datetime
@@ -17,10 +18,10 @@ import pytest
 import yaml
 from kopf._core.intents.handlers import TimerHandler  # no public name for the type
 
-from fake_kube import FakeKube
+from fake_kube import FakeKube, typed
 from llama4_operator import metrics
 from llama4_operator.handlers.config import ENV_REBALANCE_TICK, ConfigError, OperatorConfig
-from llama4_operator.handlers.rebalance import Rebalancer
+from llama4_operator.handlers.rebalance import WINDOW_OPENED, Rebalancer
 from llama4_operator.handlers.reconcile import Reconciler
 from llama4_operator.planners.cluster_placement import GpuNode
 from llama4_operator.planners.expert_placement import RebalanceDecision
@@ -106,7 +107,7 @@ class Loop:
             self.kube, self.reconciler, self.source, asyncio.Lock(), self.clock, lambda: NOW
         )
         metrics.forget("llm", "maverick")  # each test counts from zero
-        asyncio.run(self.reconciler.reconcile(self.body, LOG))
+        asyncio.run(self.reconciler.reconcile(typed(self.body), LOG))
         self.kube.statuses.clear()
         self.kube.events.clear()
         self.interval = float(self.body["spec"]["placement"]["rebalance"]["intervalSeconds"])
@@ -115,7 +116,7 @@ class Loop:
         """One timer tick one interval after the last; `reading` is what the source returns."""
         if reading is not None:
             self.source.readings.append(reading)
-        decision = asyncio.run(self.rebalancer.check(self.body, LOG))
+        decision = asyncio.run(self.rebalancer.check(typed(self.body), LOG))
         assert self.kube.scales == [], "the rebalance loop never scales"
         self.clock.seconds += self.interval
         return decision
@@ -166,7 +167,7 @@ def test_skewed_load_is_rebalanced_into_the_config_map_engine_config_status_and_
     assert placement["rebalances"] == 1
     assert placement["lastExpertsMoved"] == decision.experts_moved
     assert placement["measuredBalance"] == round(decision.planned_balance, 4)
-    assert placement["lastRebalanceTime"] == NOW.isoformat()
+    assert datetime.fromisoformat(placement["lastRebalanceTime"]) == NOW
     ((kind, _reason, message),) = [e for e in loop.kube.events if e[1] == "ExpertsRebalanced"]
     assert kind == "Normal"
     assert f"{decision.current_balance:.3f} -> {decision.planned_balance:.3f}" in message
@@ -177,7 +178,7 @@ def test_skewed_load_is_rebalanced_into_the_config_map_engine_config_status_and_
     )
     assert balance == pytest.approx(decision.planned_balance)
     # A resync keeps the measured plan and its measured balance.
-    asyncio.run(loop.reconciler.reconcile(loop.body, LOG))
+    asyncio.run(loop.reconciler.reconcile(typed(loop.body), LOG))
     assert loop.plan() == after
     assert loop.body["status"]["placement"]["measuredBalance"] == placement["measuredBalance"]
     metrics.forget("llm", "maverick")
@@ -244,6 +245,35 @@ def test_missing_metrics_change_nothing_and_are_said_once() -> None:
     (target, *_) = loop.source.targets
     assert target.served_model_name == "maverick"
     assert target.endpoint == loop.body["status"]["endpoint"]
+
+
+def test_a_reading_after_missing_metrics_replaces_their_message() -> None:
+    loop = Loop()
+    loop.tick(MetricsUnavailable("Prometheus at http://prom:9090: timed out"))
+    assert "serving metrics unavailable" in loop.body["status"]["placement"]["rebalanceMessage"]
+    sparse = skewed_load(loop.plan()) / 100.0
+    loop.tick(counters(np.zeros_like(sparse)))
+    assert loop.body["status"]["placement"]["rebalanceMessage"] == WINDOW_OPENED
+    loop.tick(counters(sparse))  # too few tokens to judge: the message says so
+    assert "tokens per MoE layer" in loop.body["status"]["placement"]["rebalanceMessage"]
+
+
+def test_a_rebalance_reconciles_from_the_status_as_it_is_now() -> None:
+    loop = Loop()
+    window = skewed_load(loop.plan())
+    loop.tick(counters(np.zeros_like(window)))
+    # The timer's copy was taken before a reconciliation found every replica placed again.
+    stale = copy.deepcopy(loop.body)
+    for condition in stale["status"]["conditions"]:
+        if condition["type"] == "Degraded":
+            condition.update(status="True", reason="RayWorkerLost", message="replica 0: lost")
+    stale["status"]["placement"]["rebalances"] = 5
+    loop.source.readings.append(counters(window))
+    decision = asyncio.run(loop.rebalancer.check(typed(stale), LOG))
+    assert decision is not None
+    assert decision.rebalance
+    assert [e.reason for e in loop.kube.events] == ["ExpertsRebalanced"]
+    assert loop.body["status"]["placement"]["rebalances"] == 1
 
 
 def test_too_few_tokens_keep_the_window_open() -> None:

@@ -83,6 +83,19 @@ def test_every_child_is_owned_and_labelled(maverick_state: Any) -> None:
         assert owner["controller"] is True
 
 
+def test_ray_pods_keep_kuberays_name_label_for_its_head_service(maverick_state: Any) -> None:
+    # KubeRay selects a RayService's `<name>-head-svc` by app.kubernetes.io/name=kuberay, the
+    # label it puts on the pods; a pod template naming the project instead empties that Service.
+    (ray_service,) = by_kind(maverick_state.children)["RayService"]
+    cluster = ray_service["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"]]
+    templates += [group["template"] for group in cluster["workerGroupSpecs"]]
+    for template in templates:
+        pod_labels = template["metadata"]["labels"]
+        assert "app.kubernetes.io/name" not in pod_labels
+        assert pod_labels[DEPLOYMENT_LABEL] == "maverick"
+
+
 def test_worker_groups_follow_the_cluster_placement(maverick_state: Any) -> None:
     (ray_service,) = by_kind(maverick_state.children)["RayService"]
     assert ray_service["apiVersion"] == "ray.io/v1"

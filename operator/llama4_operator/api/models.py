@@ -738,8 +738,9 @@ class ReplicaSummary(ApiModel):
     workers: list[WorkerSummary] = Field(default_factory=list, description="Its workers.")
 
 
-class PlacementStatus(ApiModel):
-    """The cluster and expert placement currently rendered."""
+class RenderedPlacement(ApiModel):
+    """The cluster and expert placement currently rendered: the reconciler's part of
+    status.placement, which it alone writes."""
 
     gpu_product: str | None = Field(default=None, description="GPU product of the workers.")
     gpus_per_node: int = Field(default=0, ge=0, description="GPUs of each worker.")
@@ -760,11 +761,25 @@ class PlacementStatus(ApiModel):
         default=1.0,
         description="Mean GPU expert load over the busiest GPU's (uniform load); 1.0 is perfect.",
     )
+
+
+class ExpertRebalancing(ApiModel):
+    """The rebalance loop's part of status.placement, which it alone writes."""
+
     measured_balance: float | None = Field(
         default=None,
         description=(
-            "Balance of the current expert plan on the last window of measured routed tokens "
-            "(after a rebalance: what the new plan reaches on that window); unset until measured."
+            "Balance of expert plan measuredPlanVersion on the last window of measured routed "
+            "tokens (after a rebalance: what the new plan reaches on that window); unset until "
+            "measured."
+        ),
+    )
+    measured_plan_version: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "The expert plan version measuredBalance is of; a plan the reconciler replaced since "
+            "(expertPlanVersion differs) is not measured yet."
         ),
     )
     rebalance_message: str | None = Field(
@@ -779,6 +794,10 @@ class PlacementStatus(ApiModel):
     last_experts_moved: int | None = Field(
         default=None, ge=0, description="Expert copies the last rebalance loaded onto GPUs."
     )
+
+
+class PlacementStatus(ExpertRebalancing, RenderedPlacement):
+    """status.placement as read: the rendered placement and the rebalance loop's measurements."""
 
 
 class FitStatus(ApiModel):
@@ -845,8 +864,9 @@ class AutoscalingStatus(ApiModel):
     )
 
 
-class Llama4DeploymentStatus(ApiModel):
-    """The observed state, written by the operator."""
+class ReconciledStatus(ApiModel):
+    """The part of the status the reconciler alone writes, whole on every reconciliation (a
+    null placement or fit in the merge patch removes a stale one)."""
 
     observed_generation: int | None = Field(
         default=None, ge=0, description="The .metadata.generation last reconciled."
@@ -863,10 +883,37 @@ class Llama4DeploymentStatus(ApiModel):
     ready_replicas: int = Field(default=0, ge=0, description="Replicas serving.")
     selector: str = Field(default="", description="Label selector of the pods, for /scale.")
     endpoint: str = Field(default="", description="URL of the OpenAI-compatible endpoint.")
-    placement: PlacementStatus | None = Field(
+    placement: RenderedPlacement | None = Field(
         default=None, description="Cluster and expert placement."
     )
     fit: FitStatus | None = Field(default=None, description="The fit check.")
+
+
+class AutoscalerReport(ApiModel):
+    """The part of the status the autoscaler alone writes: its decision, and the tokens/s it
+    measured (left as they are when this decision had no measurement)."""
+
+    autoscaling: AutoscalingStatus
+    tokens_per_second: float | None = Field(
+        default=None, ge=0, exclude_if=lambda measured: measured is None
+    )
+
+
+class RebalancerReport(ApiModel):
+    """The part of the status the rebalance loop alone writes: only the fields it sets are
+    sent (`model_dump(exclude_unset=True)`), so an unchanged verdict is not rewritten."""
+
+    placement: ExpertRebalancing
+
+
+# As read: the reconciler's part, with the rebalance loop's fields in `placement` and the
+# autoscaler's `tokensPerSecond` and `autoscaling` (the docstring is the CRD's description).
+class Llama4DeploymentStatus(ReconciledStatus):
+    """The observed state, written by the operator."""
+
+    placement: PlacementStatus | None = Field(
+        default=None, description="Cluster and expert placement."
+    )
     tokens_per_second: float = Field(
         default=0.0,
         ge=0,

@@ -511,6 +511,8 @@ class LocalCluster:
         )
         search_path = f"{containerd_bin}:/usr/sbin:/usr/bin:/sbin:/bin"
         ctr = [str(containerd_bin / "ctr"), f"--address={node.containerd_socket}"]
+        if real_nodes.claim_image_store(node):
+            self.console.log(f"{node.name}: images kept from an earlier node")
         self._start(
             state,
             Component(
@@ -575,22 +577,30 @@ class LocalCluster:
 
     @staticmethod
     def _import_image(node: real_nodes.RealNode, archive: Path) -> None:
-        ctr = devtools.tool("containerd").binary("ctr")
-        result = subprocess.run(
-            [
-                str(ctr),
-                f"--address={node.containerd_socket}",
-                "--namespace=k8s.io",
-                "images",
-                "import",
-                str(archive),
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise ClusterError(f"loading {archive.name} into {node.name}: {result.stderr}")
+        """Import unless the node holds the image already (a kept image store), then drop the
+        node's other tags of the same repository (earlier builds)."""
+        image = images.archived_image(archive)
+        ctr = [
+            str(devtools.tool("containerd").binary("ctr")),
+            f"--address={node.containerd_socket}",
+            "--namespace=k8s.io",
+            "images",
+        ]
+
+        def run(*args: str) -> str:
+            result = subprocess.run([*ctr, *args], capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                raise ClusterError(f"loading {archive.name} into {node.name}: {result.stderr}")
+            return result.stdout
+
+        held = dict(line.split()[:3:2] for line in run("ls").splitlines()[1:] if line.strip())
+        if held.get(image.name) != image.digest:
+            run("import", str(archive))
+        repository = image.name.rsplit(":", 1)[0]
+        older = [name for name in held if name.rsplit(":", 1)[0] == repository]
+        older = [name for name in older if name != image.name]
+        if older:
+            run("rm", *older)
 
     def _advertise_gpus(self, node: real_nodes.RealNode) -> None:
         """Set the node's `nvidia.com/gpu` capacity once the kubelet has registered it (the

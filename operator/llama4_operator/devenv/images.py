@@ -193,6 +193,28 @@ def write_oci_archive(target: Path, name: str, layers: Sequence[Path], config: I
     partial.rename(target)
 
 
+@dataclass(frozen=True)
+class ArchivedImage:
+    """What an archive of `write_oci_archive` holds: the image's name and manifest digest."""
+
+    name: str
+    digest: str
+
+
+def archived_image(archive: Path) -> ArchivedImage:
+    """Read from the archive's index (its second member: no scan of the layers)."""
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            if member.name == "index.json":
+                stream = tar.extractfile(member)
+                assert stream is not None
+                [manifest] = json.load(stream)["manifests"]
+                return ArchivedImage(
+                    manifest["annotations"]["io.containerd.image.name"], manifest["digest"]
+                )
+    raise ValueError(f"{archive} is not an OCI image layout (no index.json)")
+
+
 def images_dir() -> Path:
     return paths.cache_root() / "images"
 

@@ -10,6 +10,10 @@ planners and the scheduler treat it as a GPU node; the containers run on the CPU
 
 The configuration builders at the top are pure (unit-tested); `NodeHost` below makes and removes
 the host state (bridge, namespaces, cgroups, mounts) and records all of it so `down` leaves nothing.
+
+Images outlive nodes: `down` moves each node's containerd root (image content and unpacked layers,
+gigabytes for the Ray image) into a pool in the cache, and a new node takes one from there, so an
+image is imported once, not at every `up`. A root moves by rename, so no two nodes share one.
 """
 
 from __future__ import annotations
@@ -22,11 +26,13 @@ import os
 import shutil
 import subprocess
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from llama4_operator.devenv import paths
 from llama4_operator.devenv.nodes import (
     GPU_COUNT_LABEL,
     GPU_MEMORY_LABEL,
@@ -548,6 +554,62 @@ def delete_network(network: dict[str, Any], nodes: Sequence[dict[str, Any]]) -> 
     return left
 
 
+# Kept containerd roots: as many as clusters with real nodes usually run at once (the demo and
+# the tests'), the least recently used dropped beyond that.
+KEPT_IMAGE_STORES = 2
+
+
+def image_stores_dir() -> Path:
+    return paths.cache_root() / "node-image-stores"
+
+
+def containerd_root(node: RealNode) -> Path:
+    return node.directory / "containerd" / "root"
+
+
+def claim_image_store(node: RealNode) -> bool:
+    """Give the node a kept containerd root, most recently used first; False when none is free
+    (the node starts with an empty one). Call before its containerd starts."""
+    target = containerd_root(node)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for store in _by_last_use(image_stores_dir()):
+        try:
+            store.rename(target)
+        except FileNotFoundError:
+            continue  # another node took it first
+        except OSError:
+            return False  # the cache is on another filesystem: no renames
+        return True
+    return False
+
+
+def keep_image_store(node: RealNode) -> None:
+    """Move the stopped node's containerd root into the pool (nothing may be mounted below
+    it); drop the least recently used roots beyond `KEPT_IMAGE_STORES`."""
+    root = containerd_root(node)
+    if not root.is_dir():
+        return
+    pool = image_stores_dir()
+    pool.mkdir(parents=True, exist_ok=True)
+    kept = pool / uuid.uuid4().hex[:12]
+    try:
+        root.rename(kept)
+    except OSError:
+        return  # another filesystem: the root goes with the node's directory
+    os.utime(kept)
+    for stale in _by_last_use(pool)[KEPT_IMAGE_STORES:]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _by_last_use(pool: Path) -> list[Path]:
+    """The kept roots, most recently kept first (taking one can race another node's)."""
+    stores = []
+    for store in pool.iterdir() if pool.is_dir() else []:
+        with contextlib.suppress(FileNotFoundError):
+            stores.append((store.stat().st_mtime, store))
+    return [store for _, store in sorted(stores, reverse=True)]
+
+
 def node_record(node: RealNode) -> dict[str, Any]:
     record = asdict(node)
     record["directory"] = str(node.directory)
@@ -573,6 +635,8 @@ def teardown(network: dict[str, Any], records: Sequence[dict[str, Any]]) -> list
     left += delete_network(network, records)
     for node in nodes:
         left += remove_cgroup_parent(node)
+        if not left:
+            keep_image_store(node)
         shutil.rmtree(node.sockets, ignore_errors=True)
         shutil.rmtree(node.directory, ignore_errors=True)
         containers_log = Path("/var/log/containers")

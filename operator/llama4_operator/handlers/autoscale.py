@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import ValidationError
-
 from llama4_operator import metrics
-from llama4_operator.api.models import AutoscalingStatus, Llama4DeploymentSpec
+from llama4_operator.api.models import AutoscalerReport, AutoscalingStatus
 from llama4_operator.handlers.config import OperatorConfig
+from llama4_operator.handlers.resource import Llama4Deployment
 from llama4_operator.kube import KubeApi
 from llama4_operator.planners.autoscaling import MetricSample, ScalingDecision
 from llama4_operator.planners.autoscaling_inputs import (
@@ -33,8 +32,8 @@ from llama4_operator.planners.autoscaling_inputs import (
     reason_class,
     stale_decision,
 )
+from llama4_operator.renderers.children import Owner
 from llama4_operator.serving_metrics import (
-    DeploymentTarget,
     MetricsUnavailable,
     ServingMetricsSource,
     source_for,
@@ -52,10 +51,6 @@ _ADVISORY_EVENT_REASONS = {
     "scale_up": ("Normal", "AutoscalerAdvisesScaleUp"),
     "scale_down": ("Normal", "AutoscalerAdvisesScaleDown"),
 }
-
-
-def _rfc3339(at: datetime) -> str:
-    return at.isoformat().replace("+00:00", "Z")
 
 
 class Autoscaler:
@@ -84,27 +79,24 @@ class Autoscaler:
         metrics.forget_autoscaler(namespace, name)
 
     async def tick(
-        self, body: Mapping[str, Any], logger: logging.Logger | logging.LoggerAdapter[Any]
+        self, resource: Llama4Deployment, logger: logging.Logger | logging.LoggerAdapter[Any]
     ) -> None:
         """One decision for one deployment."""
-        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-        try:
-            spec = Llama4DeploymentSpec.model_validate(body.get("spec") or {})
-        except ValidationError:
+        namespace, name, spec = resource.owner.namespace, resource.owner.name, resource.spec
+        if spec is None:
             return  # the reconcile handler reports a bad spec in status
-        status: Mapping[str, Any] = body.get("status") or {}
-        previous: Mapping[str, Any] = status.get("autoscaling") or {}
+        previous = resource.status.autoscaling
         if not spec.autoscaling.enabled:
             self.forget(namespace, name)
-            if previous.get("managesReplicas") or previous.get("mode") == "advisory":
+            if previous is not None and (previous.manages_replicas or previous.mode == "advisory"):
                 off = AutoscalingStatus(manages_replicas=False, message=OFF_MESSAGE)
-                await self.kube.patch_status(namespace, name, {"autoscaling": _patch(off)})
+                await self._write(resource.owner, AutoscalerReport(autoscaling=off))
             return
         state = self._states.setdefault((namespace, name), AutoscalerState())
         config = policy_config(spec.autoscaling, self.interval_s)
         current = spec.replicas
         advisory = spec.autoscaling.mode == "advisory"
-        target = DeploymentTarget.of(body, spec.model.served_model_name, spec.engine.name)
+        target = resource.metrics_target(spec)
         sample: MetricSample | None = None
         read_error: str | None = None
         try:
@@ -123,7 +115,7 @@ class Autoscaler:
             decision = stale_decision(current, config, read_error)
         desired = decision.desired_replicas
         now = datetime.fromtimestamp(now_s, UTC)
-        last_scale = previous.get("lastScaleTime")
+        last_scale = previous.last_scale_time if previous is not None else None
         if advisory and desired != current:
             logger.info(
                 "autoscaling %s/%s (advisory) would scale %d -> %d: %s",
@@ -135,7 +127,7 @@ class Autoscaler:
             )
         elif desired != current:
             await self.kube.scale(namespace, name, desired)
-            last_scale = _rfc3339(now)
+            last_scale = now
             if desired > current:
                 state.last_scale_up_s = now_s
             logger.info(
@@ -157,12 +149,12 @@ class Autoscaler:
             waiting_tokens=sample.waiting_tokens if sample else None,
             capacity_tokens_per_second=round(decision.capacity_tokens_per_s, 3),
             last_decision_time=now,
-            last_scale_time=datetime.fromisoformat(last_scale) if last_scale else None,
+            last_scale_time=last_scale,
         )
-        patch: dict[str, Any] = {"autoscaling": _patch(report)}
-        if sample is not None:
-            patch["tokensPerSecond"] = round(sample.tokens_per_s, 3)
-        await self.kube.patch_status(namespace, name, patch)
+        await self._write(
+            resource.owner,
+            AutoscalerReport(autoscaling=report, tokens_per_second=report.tokens_per_second),
+        )
         metrics.record_autoscaling(
             namespace,
             name,
@@ -173,7 +165,7 @@ class Autoscaler:
             advisory=advisory,
         )
         self._announce(
-            body,
+            resource.owner,
             state,
             decision,
             current,
@@ -181,9 +173,14 @@ class Autoscaler:
             advisory=advisory,
         )
 
+    async def _write(self, owner: Owner, report: AutoscalerReport) -> None:
+        """The autoscaler's part of the status: its whole block (unset fields as null, which
+        clears them), and tokensPerSecond only when this decision measured them."""
+        await self.kube.patch_status(owner.namespace, owner.name, report.model_dump(mode="json"))
+
     def _announce(
         self,
-        body: Mapping[str, Any],
+        owner: Owner,
         state: AutoscalerState,
         decision: ScalingDecision,
         current: int,
@@ -213,9 +210,4 @@ class Autoscaler:
             )
         else:
             message = f"{decision.reason}: {decision.message}"
-        self.kube.post_event(body, type_, reason, message)
-
-
-def _patch(report: AutoscalingStatus) -> dict[str, Any]:
-    """The status as a merge patch: every field written, unset ones as null (cleared)."""
-    return report.model_dump(mode="json", by_alias=True)
+        self.kube.post_event(owner, type_, reason, message)

@@ -2,8 +2,9 @@
 
 Thin by design: startup settings, one level-based reconcile for create/resume/update, a timer
 that re-applies drift, timers for autoscaling (`handlers.autoscale`) and expert rebalancing
-(`handlers.rebalance`), and a delete handler behind the project's finalizer. A lock serialises
-reconciliations (see `_planning_lock`).
+(`handlers.rebalance`), and a delete handler behind the project's finalizer. Each handler parses
+Kopf's body once into a typed `Llama4Deployment` (`handlers.resource`) and hands that on. A lock
+serialises reconciliations (see `_planning_lock`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from llama4_operator.handlers.autoscale import Autoscaler
 from llama4_operator.handlers.config import OperatorConfig
 from llama4_operator.handlers.rebalance import Rebalancer
 from llama4_operator.handlers.reconcile import Reconciler
+from llama4_operator.handlers.resource import Llama4Deployment
 from llama4_operator.handlers.status import RayWorkerPod, pod_ready
 from llama4_operator.kube import Kube, kopf_connection
 from llama4_operator.ray_dashboard import RayAuthenticationError, RayDashboard
@@ -27,7 +29,6 @@ from llama4_operator.renderers.children import (
     DEPLOYMENT_LABEL,
     RAY_GROUP_LABEL,
     RAY_NODE_TYPE_LABEL,
-    Owner,
     external_app_name,
 )
 
@@ -129,16 +130,19 @@ def ray_worker_pods(
     here at once, while Serve's status (through KubeRay) lags by a minute or more."""
     return {
         (namespace or "", labels[DEPLOYMENT_LABEL]): RayWorkerPod(
-            name=name, group=labels.get(RAY_GROUP_LABEL, ""), ready=pod_ready(status)
+            name=name,
+            group=labels.get(RAY_GROUP_LABEL, ""),
+            ready=pod_ready(status),
+            ip=str(status.get("podIP") or ""),
         )
     }
 
 
 async def _reconcile_locked(body: kopf.Body, logger: Any, ray_workers: RayWorkers) -> None:
-    meta = body["metadata"]
-    workers = tuple(ray_workers.get((meta["namespace"], meta["name"]), ()))
+    resource = Llama4Deployment.from_body(body)
+    workers = tuple(ray_workers.get((resource.owner.namespace, resource.owner.name), ()))
     async with _planning_lock:
-        await _runtime().reconcile(body, logger, workers)
+        await _runtime().reconcile(resource, logger, workers)
 
 
 @kopf.on.resume(
@@ -197,7 +201,7 @@ async def resync(body: kopf.Body, logger: Any, **kwargs: Any) -> None:
 async def autoscale(body: kopf.Body, logger: Any, **_: Any) -> None:
     """Set spec.replicas from live token throughput when spec.autoscaling.enabled. Not under
     `_planning_lock`: it waits on metrics over HTTP and only scales; reconcile does the rest."""
-    await _autoscaling().tick(body, logger)
+    await _autoscaling().tick(Llama4Deployment.from_body(body), logger)
 
 
 @kopf.timer(
@@ -212,7 +216,7 @@ async def rebalance(body: kopf.Body, logger: Any, **_: Any) -> None:
     """Re-plan the experts from measured load when spec.placement.rebalance asks for it (each
     deployment once per its intervalSeconds); takes `_planning_lock` only to re-plan."""
     try:
-        await _rebalancing().check(body, logger)
+        await _rebalancing().check(Llama4Deployment.from_body(body), logger)
     except kopf.PermanentError as error:
         logger.debug("rebalance skipped: %s", error)  # reported in status by the reconcile
 
@@ -227,8 +231,7 @@ async def rebalance(body: kopf.Body, logger: Any, **_: Any) -> None:
 )
 async def delete(body: kopf.Body, logger: Any, **_: Any) -> None:
     """Owner references remove the Kubernetes children; what they cannot reach goes here."""
-    meta = body["metadata"]
-    owner = Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
+    owner = Llama4Deployment.from_body(body).owner
     runtime = _runtime()
     if runtime.dashboard is not None:
         try:
@@ -237,7 +240,7 @@ async def delete(body: kopf.Body, logger: Any, **_: Any) -> None:
             # A refused token will not mend itself soon: the deletion goes on, and says what
             # it left behind.
             runtime.kube.post_event(
-                body,
+                owner,
                 "Warning",
                 "RayAuthenticationFailed",
                 f"Serve application {external_app_name(owner)} may be left on the Ray cluster, "

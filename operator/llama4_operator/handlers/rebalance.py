@@ -15,23 +15,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import kopf
-from pydantic import ValidationError
 
 from llama4_operator import metrics
 from llama4_operator.api.catalog import architecture_of
-from llama4_operator.api.models import Llama4DeploymentSpec
-from llama4_operator.handlers.config import OperatorConfig
-from llama4_operator.handlers.reconcile import (
-    Reconciler,
-    previous_status,
-    read_expert_placement,
+from llama4_operator.api.models import (
+    GROUP,
+    KIND,
+    VERSION,
+    ExpertRebalancing,
+    RebalancerReport,
 )
+from llama4_operator.handlers.config import OperatorConfig
+from llama4_operator.handlers.reconcile import Reconciler, read_expert_placement
+from llama4_operator.handlers.resource import Llama4Deployment
 from llama4_operator.kube import KubeApi
 from llama4_operator.planners.expert_load import (
     decide_on_window,
@@ -43,7 +45,6 @@ from llama4_operator.planners.expert_placement import RebalanceDecision
 from llama4_operator.planners.placement_metrics import Topology
 from llama4_operator.renderers.children import Owner, render_expert_placement
 from llama4_operator.serving_metrics import (
-    DeploymentTarget,
     MetricsUnavailable,
     ServingMetricsSource,
     ServingSnapshot,
@@ -51,11 +52,12 @@ from llama4_operator.serving_metrics import (
 )
 from llama4_serving.config import ExpertPlacement
 
-Body = Mapping[str, Any]
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 REASON = "ExpertsRebalanced"
 # Timer ticks come a little early or late; a check due within this much is run now.
 TICK_SLACK_S = 1.0
+WINDOW_OPENED = "measuring: the first reading of routed tokens opened the window"
+NO_PLAN = "no expert plan of this model in the placement ConfigMap yet"
 
 
 @dataclass
@@ -89,13 +91,10 @@ class Rebalancer:
     def forget(self, namespace: str, name: str) -> None:
         self._windows.pop((namespace, name), None)
 
-    async def check(self, body: Body, logger: Logger) -> RebalanceDecision | None:
+    async def check(self, resource: Llama4Deployment, logger: Logger) -> RebalanceDecision | None:
         """Measure and, when due and needed, rebalance; the decision taken, if one was."""
-        meta = body["metadata"]
-        owner = Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
-        try:
-            spec = Llama4DeploymentSpec.model_validate(body.get("spec") or {})
-        except ValidationError:
+        owner, spec = resource.owner, resource.spec
+        if spec is None:
             return None  # the reconciliation reports it
         settings = spec.placement.rebalance
         # vLLM takes no external plan and balances its experts itself (EPLB).
@@ -109,36 +108,42 @@ class Rebalancer:
         )
         if not due:
             return None
-        target = DeploymentTarget.of(body, spec.model.served_model_name)
         try:
-            reading = await self.source.snapshot(target)
+            reading = await self.source.snapshot(resource.metrics_target(spec))
         except MetricsUnavailable as error:
             logger.debug("no rebalance check: serving metrics unavailable: %s", error)
-            await self._report(body, owner, f"serving metrics unavailable: {error}")
+            await self._report(resource, f"serving metrics unavailable: {error}")
             return None
         window.checked_at = started
         if window.start is None:
             window.start = reading
             logger.debug("rebalance window starts with %d replicas", len(reading.replicas))
+            await self._report(resource, WINDOW_OPENED)
             return None
         async with self.lock:
-            return await self._decide(body, owner, spec, window, reading, logger)
+            return await self._decide(owner, window, reading, logger)
+
+    async def _reread(self, owner: Owner) -> Llama4Deployment | None:
+        """The deployment as the API server holds it now (None: deleted meanwhile)."""
+        body = await self.kube.get(f"{GROUP}/{VERSION}", KIND, owner.namespace, owner.name)
+        return Llama4Deployment.from_body(body) if body is not None else None
 
     async def _decide(
-        self,
-        body: Body,
-        owner: Owner,
-        spec: Llama4DeploymentSpec,
-        window: _Window,
-        reading: ServingSnapshot,
-        logger: Logger,
+        self, owner: Owner, window: _Window, reading: ServingSnapshot, logger: Logger
     ) -> RebalanceDecision | None:
         assert window.start is not None
-        current = await read_expert_placement(self.kube, owner)
+        # Read again: the status moved on while the metrics were read and the lock awaited, and
+        # the reconciliation a rebalance runs writes from it.
+        resource = await self._reread(owner)
+        if resource is None or resource.spec is None:
+            return None  # deleted meanwhile, or its spec made invalid
+        spec = resource.spec
+        current = await read_expert_placement(self.kube, resource.owner)
         arch = architecture_of(spec.model)
         moe_layers = moe_layer_indices(arch)
         if current is None or len(current.phy2log) != len(moe_layers):
-            logger.debug("no rebalance check: no expert plan of this model in the ConfigMap yet")
+            logger.debug("no rebalance check: %s", NO_PLAN)
+            await self._report(resource, NO_PLAN)
             return None
         topology = Topology(
             nodes=current.nodes,
@@ -149,6 +154,7 @@ class Rebalancer:
         if shortfall := too_few_tokens(load, topology.gpus):
             # The window stays open: the next reading adds to it.
             logger.debug("no rebalance check yet: %s", shortfall)
+            await self._report(resource, shortfall)
             return None
         window.start = reading
         settings = spec.placement.rebalance
@@ -161,23 +167,29 @@ class Rebalancer:
             max_experts_moved=settings.migration_budget,
             balance_slack=spec.placement.balance_slack,
         )
+        owner = resource.owner
         if decision.rebalance:
-            await self._rebalance(body, owner, current, decision, logger)
+            await self._rebalance(resource, current, decision, logger)
         else:
             logger.debug("no rebalance: %s", decision.reason)
-            await self._report(body, owner, decision.reason, decision.current_balance)
+            measured = ExpertRebalancing(
+                rebalance_message=decision.reason,
+                measured_balance=round(decision.current_balance, 4),
+                measured_plan_version=current.version,
+            )
+            await self._write_if_changed(resource, measured)
             metrics.EXPERT_BALANCE.labels(owner.namespace, owner.name).set(decision.current_balance)
         return decision
 
     async def _rebalance(
         self,
-        body: Body,
-        owner: Owner,
+        resource: Llama4Deployment,
         current: ExpertPlacement,
         decision: RebalanceDecision,
         logger: Logger,
     ) -> None:
         assert decision.phy2log is not None
+        owner = resource.owner
         plan = current.model_copy(
             update={"phy2log": decision.phy2log.tolist(), "version": current.version + 1}
         )
@@ -185,29 +197,26 @@ class Rebalancer:
         try:
             # The reconciliation keeps the ConfigMap's plan and renders it into the engine's
             # user_config override; the lock is already held.
-            await self.reconciler.reconcile(body, logger)
+            await self.reconciler.reconcile(resource, logger)
         except (kopf.TemporaryError, kopf.PermanentError) as error:
             logger.info(
                 "the engine takes expert plan %d at the next resync: %s", plan.version, error
             )
-        placement = previous_status(body).placement
+        placement = resource.status.placement
         done = (placement.rebalances if placement and placement.rebalances else 0) + 1
-        await self.kube.patch_status(
-            owner.namespace,
-            owner.name,
-            {
-                "placement": {
-                    "expertPlanVersion": plan.version,
-                    "measuredBalance": round(decision.planned_balance, 4),
-                    "rebalanceMessage": decision.reason,
-                    "lastRebalanceTime": self.now().isoformat(),
-                    "rebalances": done,
-                    "lastExpertsMoved": decision.experts_moved,
-                }
-            },
+        await self._write(
+            owner,
+            ExpertRebalancing(
+                measured_balance=round(decision.planned_balance, 4),
+                measured_plan_version=plan.version,
+                rebalance_message=decision.reason,
+                last_rebalance_time=self.now(),
+                rebalances=done,
+                last_experts_moved=decision.experts_moved,
+            ),
         )
         self.kube.post_event(
-            body,
+            owner,
             "Normal",
             REASON,
             f"expert balance {decision.current_balance:.3f} -> {decision.planned_balance:.3f} "
@@ -218,17 +227,25 @@ class Rebalancer:
         metrics.EXPERT_BALANCE.labels(owner.namespace, owner.name).set(decision.planned_balance)
         logger.info("rebalanced experts: %s", decision.reason)
 
-    async def _report(
-        self, body: Body, owner: Owner, message: str, balance: float | None = None
+    async def _report(self, resource: Llama4Deployment, message: str) -> None:
+        """A verdict without a measurement, in status when it changed (not once per tick)."""
+        await self._write_if_changed(resource, ExpertRebalancing(rebalance_message=message))
+
+    async def _write_if_changed(
+        self, resource: Llama4Deployment, fields: ExpertRebalancing
     ) -> None:
-        """The verdict in status, patched only when it changed (not once per tick)."""
-        placement = previous_status(body).placement
+        """Write the fields set in `fields` unless status already holds them."""
+        placement = resource.status.placement
         if placement is None:
             return  # nothing placed yet: there is no plan to talk about
-        patch: dict[str, Any] = {}
-        if placement.rebalance_message != message:
-            patch["rebalanceMessage"] = message
-        if balance is not None and placement.measured_balance != round(balance, 4):
-            patch["measuredBalance"] = round(balance, 4)
-        if patch:
-            await self.kube.patch_status(owner.namespace, owner.name, {"placement": patch})
+        if any(
+            getattr(placement, name) != getattr(fields, name) for name in fields.model_fields_set
+        ):
+            await self._write(resource.owner, fields)
+
+    async def _write(self, owner: Owner, fields: ExpertRebalancing) -> None:
+        """The rebalance loop's part of the status: the fields set in `fields`, and no other."""
+        report = RebalancerReport(placement=fields)
+        await self.kube.patch_status(
+            owner.namespace, owner.name, report.model_dump(mode="json", exclude_unset=True)
+        )

@@ -4,23 +4,25 @@ all call it): validate, plan and render, apply, prune, read health, write status
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx
 import kopf
 from pydantic import ValidationError
 
 from llama4_operator import metrics
-from llama4_operator.api.models import (
-    Llama4DeploymentSpec,
-    Llama4DeploymentStatus,
-)
+from llama4_operator.api.models import Llama4DeploymentSpec, Llama4DeploymentStatus
 from llama4_operator.handlers.config import OperatorConfig
+from llama4_operator.handlers.resource import Llama4Deployment
 from llama4_operator.handlers.status import (
+    DEPLOYING,
+    RUNNING,
     WORKER_LOST,
     ConditionUpdate,
     RayWorkerPod,
@@ -28,6 +30,7 @@ from llama4_operator.handlers.status import (
     apply_failed_conditions,
     build_status,
     deployment_conditions,
+    event_message,
     invalid_spec_conditions,
     merge_conditions,
     ray_service_health,
@@ -41,10 +44,13 @@ from llama4_operator.renderers.children import (
     EXPERT_PLACEMENT_KEY,
     Owner,
     RayPodSettings,
+    active_ray_cluster,
     endpoint_url,
     expert_config_map_name,
     external_app_name,
     pod_selector,
+    ray_service_dashboard_url,
+    ray_service_token_secret,
 )
 from llama4_operator.renderers.deployment import (
     DesiredState,
@@ -54,24 +60,13 @@ from llama4_operator.renderers.deployment import (
 )
 from llama4_serving.config import ExpertPlacement
 
-Body = Mapping[str, Any]
-
-
-def format_validation_error(error: ValidationError) -> str:
-    """`spec.a.b: message` for each problem pydantic found."""
-    parts = []
-    for problem in error.errors():
-        path = ".".join(str(p) for p in problem["loc"])
-        parts.append(f"spec.{path}: {problem['msg']}" if path else f"spec: {problem['msg']}")
-    return "; ".join(parts)
-
-
-def previous_status(body: Body) -> Llama4DeploymentStatus:
-    """The status as the object holds it (empty when unreadable)."""
-    try:
-        return Llama4DeploymentStatus.model_validate(body.get("status") or {})
-    except ValidationError:
-        return Llama4DeploymentStatus()  # a hand-edited status is not worth failing over
+log = logging.getLogger(__name__)
+# Serve's replica states are read from the RayService's head on every reconcile, under the
+# planning lock: a head that does not answer must not hold the others up for long.
+SERVE_DETAILS_TIMEOUT_S = 5.0
+RAY_TOKEN_KEY = "auth_token"  # KubeRay's key in a Ray cluster's token Secret
+# What RayDashboard.application says when it could not read the application.
+UNREAD_APPLICATION = frozenset({"UNREACHABLE", "UNAUTHENTICATED", "NOT_FOUND"})
 
 
 async def read_expert_placement(kube: KubeApi, owner: Owner) -> ExpertPlacement | None:
@@ -84,36 +79,29 @@ async def read_expert_placement(kube: KubeApi, owner: Owner) -> ExpertPlacement 
         return None  # edited by hand: plan afresh
 
 
-def _measured_balance(body: Body, plan_version: int) -> float | None:
+def _measured_balance(status: Llama4DeploymentStatus, plan_version: int) -> float | None:
     """The rebalance loop's measured balance in status, when it is of this plan version."""
-    placement = previous_status(body).placement
-    if placement is None or placement.expert_plan_version != plan_version:
+    placement = status.placement
+    if placement is None or placement.measured_plan_version != plan_version:
         return None
     return placement.measured_balance
 
 
-def _forget_stale_measurement(body: Body, status: dict[str, Any]) -> None:
-    """A plan replaced here (a new layout) was never measured: drop the old plan's figure."""
-    new: dict[str, Any] = status.get("placement") or {}
-    old = previous_status(body).placement
-    if not new or old is None or old.measured_balance is None:
-        return
-    if new.get("expertPlanVersion") != old.expert_plan_version:
-        new["measuredBalance"] = None
-
-
 @dataclass
 class Reconciler:
-    """Holds the cluster access and settings; `reconcile` is called per object."""
+    """Holds the cluster access and settings; `reconcile` is called per object, with the object
+    as the event delivered it."""
 
     kube: KubeApi
     config: OperatorConfig
     dashboard: RayDashboard | None = None
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    # How the RayServices' heads are reached (tests give a fake one); None: over the network.
+    head_transport: httpx.AsyncBaseTransport | None = None
 
     async def reconcile(
         self,
-        body: Body,
+        resource: Llama4Deployment,
         logger: logging.Logger | logging.LoggerAdapter[Any],
         ray_workers: Sequence[RayWorkerPod] | None = None,
     ) -> None:
@@ -121,7 +109,7 @@ class Reconciler:
         unknown, health comes from Serve's status alone."""
         with metrics.RECONCILE_DURATION.time():
             try:
-                await self._reconcile(body, logger, ray_workers)
+                await self._reconcile(resource, logger, ray_workers)
             except kopf.TemporaryError:
                 metrics.RECONCILE_ERRORS.labels(kind="temporary").inc()
                 raise
@@ -134,28 +122,20 @@ class Reconciler:
 
     async def _reconcile(
         self,
-        body: Body,
+        resource: Llama4Deployment,
         logger: logging.Logger | logging.LoggerAdapter[Any],
         ray_workers: Sequence[RayWorkerPod] | None,
     ) -> None:
-        meta = body["metadata"]
-        owner = Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
-        generation = int(meta.get("generation", 0))
-        try:
-            spec = Llama4DeploymentSpec.model_validate(body.get("spec") or {})
-        except ValidationError as error:
-            message = format_validation_error(error)
+        owner, spec = resource.owner, resource.spec
+        if spec is None:
             await self._write(
-                body,
-                owner,
-                generation=generation,
-                updates=invalid_spec_conditions(message),
+                resource,
+                updates=invalid_spec_conditions(resource.spec_error),
                 state=None,
                 health=None,
-                spec=None,
             )
-            raise kopf.PermanentError(f"invalid spec: {message}") from error
-        state = await self._plan(body, owner, spec)
+            raise kopf.PermanentError(f"invalid spec: {resource.spec_error}")
+        state = await self._plan(resource, spec)
         if not state.fit.fits:
             metrics.FIT_FAILURES.inc()
             logger.info("does not fit: %s", state.fit.message)
@@ -173,42 +153,32 @@ class Reconciler:
                 else "ApplyFailed"
             )
             await self._write(
-                body,
-                owner,
-                generation=generation,
+                resource,
                 updates=apply_failed_conditions(state, str(error), reason),
                 state=state,
                 health=None,
-                spec=spec,
             )
             raise
         keep = {(c["kind"], c["metadata"]["name"]) for c in state.children}
         removed, health = await asyncio.gather(
             self.kube.prune_children(owner.namespace, owner.name, owner.uid, keep),
-            self._health(body, owner, state, ray_workers),
+            self._health(resource, state, ray_workers),
         )
         if removed:
             self.kube.post_event(
-                body, "Normal", "ChildrenRemoved", "removed " + ", ".join(sorted(removed))
+                owner, "Normal", "ChildrenRemoved", "removed " + ", ".join(sorted(removed))
             )
         conditions = deployment_conditions(state, health)
-        await self._write(
-            body,
-            owner,
-            generation=generation,
-            updates=conditions,
-            state=state,
-            health=health,
-            spec=spec,
-        )
+        await self._write(resource, updates=conditions, state=state, health=health)
         if state.experts is not None:
-            measured = _measured_balance(body, state.experts.placement.version)
+            measured = _measured_balance(resource.status, state.experts.placement.version)
             balance = state.experts.balance if measured is None else measured
             metrics.EXPERT_BALANCE.labels(owner.namespace, owner.name).set(balance)
             # Exported at 0 before the first rebalance, so the dashboards' increase() has data.
             metrics.EXPERT_REBALANCES.labels(owner.namespace, owner.name)
 
-    async def _plan(self, body: Body, owner: Owner, spec: Llama4DeploymentSpec) -> DesiredState:
+    async def _plan(self, resource: Llama4Deployment, spec: Llama4DeploymentSpec) -> DesiredState:
+        owner = resource.owner
         nodes = await self.kube.gpu_nodes(owner.namespace, owner.name)
         service_monitor = spec.monitoring.service_monitor and await self.kube.crd_exists(
             SERVICE_MONITOR_CRD
@@ -218,7 +188,7 @@ class Reconciler:
             "workerGroupSpecs"
         ) or []
         previous = Previous(
-            placement=previous_placement(previous_status(body).placement),
+            placement=previous_placement(resource.status.placement),
             experts=await self._previous_experts(owner),
             worker_groups=tuple(groups),
         )
@@ -255,11 +225,11 @@ class Reconciler:
 
     async def _health(
         self,
-        body: Body,
-        owner: Owner,
+        resource: Llama4Deployment,
         state: DesiredState,
         ray_workers: Sequence[RayWorkerPod] | None,
     ) -> ServeHealth | None:
+        owner = resource.owner
         if not state.fit.fits or not state.placed_replicas:
             return None
         if self.dashboard is not None:
@@ -268,32 +238,77 @@ class Reconciler:
         health = ray_service_health(ray_service, owner.name)
         if ray_workers is None:
             return health
+        if ray_service is not None and health.status in (RUNNING, DEPLOYING):
+            live_hosts = {pod.ip for pod in ray_workers if pod.ready and pod.ip}
+            replicas = await self._serve_replicas(owner, ray_service, live_hosts)
+            if replicas is not None:
+                health = replace(health, running_replicas=replicas)
         not_ready = replicas_without_workers(state, ray_workers)
         # Lost, not starting: fewer replicas have their workers than served at the last look,
-        # or they were already reported lost and are not back yet.
-        before = previous_status(body)
+        # or they were already reported lost and their engines are not all back yet.
+        before = resource.status
         degraded = next((c for c in before.conditions if c.type == "Degraded"), None)
-        lost = bool(not_ready) and (
-            state.placed_replicas - len(not_ready) < before.ready_replicas
-            or (degraded is not None and degraded.reason == WORKER_LOST)
+        engines = health.engine_replicas
+        lost = bool(not_ready) and state.placed_replicas - len(not_ready) < before.ready_replicas
+        lost = lost or (
+            degraded is not None
+            and degraded.reason == WORKER_LOST
+            and (bool(not_ready) or (engines is not None and engines < state.placed_replicas))
         )
         return replace(health, workers_not_ready=not_ready, workers_lost=lost)
 
+    async def _serve_replicas(
+        self, owner: Owner, ray_service: Mapping[str, Any], live_hosts: Collection[str]
+    ) -> Mapping[str, int] | None:
+        """RUNNING replicas per Serve deployment, engines counted only on live worker pods, as
+        the RayService's head lists them; None where the head cannot be read (KubeRay's view
+        stands then). KubeRay reports an application HEALTHY while an engine is restarting."""
+        ray_cluster = active_ray_cluster(ray_service)
+        if ray_cluster is None:
+            return None
+        dashboard = RayDashboard(
+            ray_service_dashboard_url(owner, ray_cluster),
+            transport=self.head_transport,
+            timeout_s=SERVE_DETAILS_TIMEOUT_S,
+        )
+        try:
+            secret_name = ray_service_token_secret(ray_service)
+            if secret_name is not None:
+                dashboard.token = await self._ray_token(owner.namespace, secret_name)
+            app = await dashboard.application(owner.name)
+        except Exception as error:  # the head is optional here: never fatal
+            log.debug("Serve replicas of %s/%s unread: %s", owner.namespace, owner.name, error)
+            return None
+        if app.get("status") in UNREAD_APPLICATION:
+            log.debug(
+                "Serve replicas of %s/%s unread: %s", owner.namespace, owner.name, app["message"]
+            )
+            return None
+        return serve_details_health(app, engine_hosts=live_hosts).running_replicas
+
+    async def _ray_token(self, namespace: str, secret_name: str) -> str:
+        secret = await self.kube.get("v1", "Secret", namespace, secret_name)
+        encoded = ((secret or {}).get("data") or {}).get(RAY_TOKEN_KEY)
+        if not encoded:
+            raise LookupError(f"no {RAY_TOKEN_KEY} in Secret {namespace}/{secret_name}")
+        return base64.b64decode(encoded).decode().strip()
+
     async def _write(
         self,
-        body: Body,
-        owner: Owner,
+        resource: Llama4Deployment,
         *,
-        generation: int,
         updates: list[ConditionUpdate],
         state: DesiredState | None,
         health: ServeHealth | None,
-        spec: Llama4DeploymentSpec | None,
     ) -> None:
-        previous = (body.get("status") or {}).get("conditions") or []
-        conditions = merge_conditions(previous, updates, generation, self.clock())
+        """The reconciler's part of the status (the autoscaler and the rebalance loop write
+        theirs), its metrics, and an event for each condition that changed."""
+        owner, spec, previous = resource.owner, resource.spec, resource.status
+        conditions = merge_conditions(
+            previous.conditions, updates, resource.generation, self.clock()
+        )
         status = build_status(
-            generation=generation,
+            generation=resource.generation,
             conditions=conditions,
             state=state,
             health=health,
@@ -301,24 +316,23 @@ class Reconciler:
             endpoint=(
                 endpoint_url(owner, spec, self.config.external_ray_dashboard) if spec else ""
             ),
-            previously_ready=previous_status(body).ready_replicas,
+            previously_ready=previous.ready_replicas,
         )
-        _forget_stale_measurement(body, status)
-        await self.kube.patch_status(owner.namespace, owner.name, status)
+        await self.kube.patch_status(owner.namespace, owner.name, status.model_dump(mode="json"))
         metrics.record_conditions(
             owner.namespace, owner.name, {c.type: c.status for c in conditions}
         )
         metrics.record_capacity(
             owner.namespace,
             owner.name,
-            ready_replicas=status.get("readyReplicas", 0),
+            ready_replicas=status.ready_replicas,
             gpus=state.gpus_held if state else 0,
         )
         posted: set[tuple[str, str]] = set()
         # Warnings first, so a message shared with a Normal condition is posted as a Warning.
-        for update in sorted(transitions(previous, updates), key=lambda u: not u.is_bad):
+        for update in sorted(transitions(previous.conditions, updates), key=lambda u: not u.is_bad):
             if (update.reason, update.message) in posted:
                 continue  # e.g. Fits and Degraded both carrying the fit check's message
             posted.add((update.reason, update.message))
             kind = "Warning" if update.is_bad else "Normal"
-            self.kube.post_event(body, kind, update.reason, f"{update.type}: {update.message}")
+            self.kube.post_event(owner, kind, update.reason, event_message(update))

@@ -10,7 +10,7 @@ Deployment that stays Available during a scale-up.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -18,8 +18,8 @@ from typing import Any
 from llama4_operator.api.models import (
     Condition,
     FitStatus,
-    Llama4DeploymentStatus,
-    PlacementStatus,
+    ReconciledStatus,
+    RenderedPlacement,
     ReplicaSummary,
     WorkerSummary,
 )
@@ -61,6 +61,7 @@ class RayWorkerPod:
     name: str
     group: str  # its KubeRay worker group, `r<replica>-w<worker>`
     ready: bool
+    ip: str = ""  # the pod's IP: the Ray node IP of what runs on it
 
 
 def pod_ready(status: Mapping[str, Any]) -> bool:
@@ -115,6 +116,13 @@ class ServeHealth:
         return self.status == RUNNING
 
     @property
+    def engine_replicas(self) -> int | None:
+        """Engine replicas RUNNING, where the host gives counts."""
+        if self.running_replicas is None:
+            return None
+        return sum(n for name, n in self.running_replicas.items() if is_engine_deployment(name))
+
+    @property
     def serving(self) -> bool:
         """Whether requests are answered now, even while replicas are added or removed."""
         if self.running:
@@ -138,11 +146,8 @@ class ServeHealth:
         if not self.serving:
             return 0
         with_workers = placed - len(self.workers_not_ready)
-        if self.running_replicas is not None:
-            engine = sum(
-                n for name, n in self.running_replicas.items() if is_engine_deployment(name)
-            )
-            return max(min(engine, with_workers), 0)
+        if self.engine_replicas is not None:
+            return max(min(self.engine_replicas, with_workers), 0)
         if self.running:
             return max(with_workers, 0)
         return max(min(max(previously_ready, 1), with_workers), 0)
@@ -210,12 +215,26 @@ def ray_service_health(ray_service: Mapping[str, Any] | None, app_name: str) -> 
     )
 
 
-def serve_details_health(app: Mapping[str, Any]) -> ServeHealth:
+def serve_details_health(
+    app: Mapping[str, Any], engine_hosts: Collection[str] | None = None
+) -> ServeHealth:
     """Read one application of Ray Serve's REST details (`GET /api/serve/applications/`), which
-    lists each deployment's replicas and their states."""
+    lists each deployment's replicas and their states. `engine_hosts`: the IPs of the Ready Ray
+    worker pods, where known; an engine replica elsewhere is not counted, as Serve goes on
+    listing a replica RUNNING for a while after its pod is gone."""
     deployments = {
         str(name): d for name, d in (app.get("deployments") or {}).items() if isinstance(d, Mapping)
     }
+
+    def alive(name: str, replica: Mapping[str, Any]) -> bool:
+        if replica.get("state") != REPLICA_RUNNING:
+            return False
+        return (
+            engine_hosts is None
+            or not is_engine_deployment(name)
+            or replica.get("node_ip") in engine_hosts
+        )
+
     return ServeHealth(
         str(app.get("status", "UNKNOWN")),
         str(app.get("message", "") or ""),
@@ -225,7 +244,7 @@ def serve_details_health(app: Mapping[str, Any]) -> ServeHealth:
             name: sum(
                 1
                 for replica in d.get("replicas") or []
-                if isinstance(replica, Mapping) and replica.get("state") == REPLICA_RUNNING
+                if isinstance(replica, Mapping) and alive(name, replica)
             )
             for name, d in deployments.items()
         }
@@ -234,18 +253,17 @@ def serve_details_health(app: Mapping[str, Any]) -> ServeHealth:
 
 
 def merge_conditions(
-    previous: Sequence[Mapping[str, Any]],
+    previous: Sequence[Condition],
     updates: Sequence[ConditionUpdate],
     generation: int,
     now: datetime,
 ) -> list[Condition]:
     """New conditions; each keeps its previous transition time while its status is unchanged."""
-    before = {str(c.get("type")): c for c in previous}
+    before = {c.type: c for c in previous}
     merged: list[Condition] = []
     for update in updates:
         old = before.get(update.type)
-        changed = old is None or old.get("status") != update.status
-        transition = now if changed or old is None else old.get("lastTransitionTime", now)
+        unchanged = old is not None and old.status == update.status
         merged.append(
             Condition.model_validate(
                 {
@@ -253,7 +271,7 @@ def merge_conditions(
                     "status": update.status,
                     "reason": update.reason,
                     "message": update.message,
-                    "lastTransitionTime": transition,
+                    "lastTransitionTime": old.last_transition_time if old and unchanged else now,
                     "observedGeneration": generation,
                 }
             )
@@ -262,16 +280,19 @@ def merge_conditions(
 
 
 def transitions(
-    previous: Sequence[Mapping[str, Any]], updates: Sequence[ConditionUpdate]
+    previous: Sequence[Condition], updates: Sequence[ConditionUpdate]
 ) -> list[ConditionUpdate]:
     """The updates whose status or reason differ from before: each deserves an event."""
-    before = {str(c.get("type")): c for c in previous}
-    return [
-        u
-        for u in updates
-        if (before.get(u.type) or {}).get("status") != u.status
-        or (before.get(u.type) or {}).get("reason") != u.reason
-    ]
+    before = {c.type: (c.status, c.reason) for c in previous}
+    return [u for u in updates if before.get(u.type) != (u.status, u.reason)]
+
+
+def event_message(update: ConditionUpdate) -> str:
+    """The event of a transition: `Type: message`, or `not Degraded: message` when Degraded
+    turns False, so that a recovery never reads as a degradation."""
+    if update.type == "Degraded" and update.status == "False":
+        return f"not Degraded: {update.message}"
+    return f"{update.type}: {update.message}"
 
 
 def invalid_spec_conditions(message: str) -> list[ConditionUpdate]:
@@ -295,6 +316,21 @@ def apply_failed_conditions(
         ConditionUpdate("Degraded", "True", reason, message),
         fits,
     ]
+
+
+def engines_waiting(health: ServeHealth, placed: int) -> str:
+    """Why some placed replicas do not serve although Serve's application status says it does
+    (empty when all do): their worker pods are not Ready (Serve learns of a lost pod a minute or
+    more later), or their engines are not RUNNING on live pods (an engine restarting on a
+    replacement pod takes a minute or more to build)."""
+    if health.workers_not_ready:
+        return "; ".join(
+            f"replica {i}: {why}" for i, why in sorted(health.workers_not_ready.items())
+        )
+    engines = health.engine_replicas
+    if engines is not None and engines < placed:
+        return f"{engines} of {placed} engine replicas running; Serve is starting the others"
+    return ""
 
 
 def deployment_conditions(state: DesiredState, health: ServeHealth | None) -> list[ConditionUpdate]:
@@ -343,22 +379,40 @@ def deployment_conditions(state: DesiredState, health: ServeHealth | None) -> li
         detail = health.detail if health else "Serve application status UNKNOWN"
         ready = ConditionUpdate("Ready", "False", "ServeApplicationNotHealthy", detail)
         progressing = ConditionUpdate("Progressing", "True", "Deploying", detail)
-    if health is not None and health.serving and health.workers_not_ready:
-        # Serve may still count these replicas (it learns of a lost pod a minute or more
-        # later); the pods say otherwise until they are Ready and the engines start again.
-        waiting = "; ".join(
-            f"replica {i}: {why}" for i, why in sorted(health.workers_not_ready.items())
+    if health is not None and health.serving:
+        ready, progressing, degraded = _while_engines_wait(
+            state, health, ready, progressing, degraded
         )
-        if health.workers_lost:
-            reason, message = WORKER_LOST, f"{waiting}; KubeRay is replacing the pods"
-            degraded = ConditionUpdate("Degraded", "True", reason, message)
-        else:
-            reason, message = "RayWorkerStarting", waiting
-        if progressing.status != "True" or health.workers_lost:
-            progressing = ConditionUpdate("Progressing", "True", reason, message)
-        if len(health.workers_not_ready) >= state.placed_replicas:
-            ready = ConditionUpdate("Ready", "False", reason, message)
     return [ready, progressing, degraded, fits]
+
+
+def _while_engines_wait(
+    state: DesiredState,
+    health: ServeHealth,
+    ready: ConditionUpdate,
+    progressing: ConditionUpdate,
+    degraded: ConditionUpdate,
+) -> tuple[ConditionUpdate, ConditionUpdate, ConditionUpdate]:
+    """Ready, Progressing and Degraded where Serve says the application serves but some placed
+    replicas do not (see `engines_waiting`)."""
+    waiting = engines_waiting(health, state.placed_replicas)
+    if not waiting:
+        return ready, progressing, degraded
+    if health.workers_lost:
+        reason = WORKER_LOST
+        message = (
+            f"{waiting}; KubeRay is replacing the pods" if health.workers_not_ready else waiting
+        )
+        degraded = ConditionUpdate("Degraded", "True", reason, message)
+    elif health.workers_not_ready:
+        reason, message = "RayWorkerStarting", waiting
+    else:
+        reason, message = "EngineStarting", waiting
+    if progressing.status != "True" or health.workers_lost:
+        progressing = ConditionUpdate("Progressing", "True", reason, message)
+    if len(health.workers_not_ready) >= state.placed_replicas or health.engine_replicas == 0:
+        ready = ConditionUpdate("Ready", "False", reason, message)
+    return ready, progressing, degraded
 
 
 def fit_status(state: DesiredState) -> FitStatus:
@@ -381,12 +435,12 @@ def fit_status(state: DesiredState) -> FitStatus:
     )
 
 
-def placement_status(state: DesiredState) -> PlacementStatus | None:
+def placement_status(state: DesiredState) -> RenderedPlacement | None:
     placement, layout = state.placement, state.fit.layout
     if placement is None or layout is None:
         return None
     experts = state.experts
-    return PlacementStatus(
+    return RenderedPlacement(
         gpu_product=state.fit.product.label if state.fit.product else None,
         gpus_per_node=layout.gpus_per_node,
         nodes_per_replica=layout.nodes,
@@ -413,12 +467,11 @@ def build_status(
     health: ServeHealth | None,
     selector: str,
     endpoint: str,
-    tokens_per_second: float | None = None,
     previously_ready: int = 0,
-) -> dict[str, Any]:
-    """The status subresource, as the JSON to merge-patch."""
+) -> ReconciledStatus:
+    """The reconciler's part of the status."""
     placed = state.placed_replicas if state else 0
-    status = Llama4DeploymentStatus(
+    return ReconciledStatus(
         observed_generation=generation,
         conditions=conditions,
         replicas=placed,
@@ -427,11 +480,4 @@ def build_status(
         endpoint=endpoint if state is not None and state.fit.fits else "",
         placement=placement_status(state) if state else None,
         fit=fit_status(state) if state else None,
-        tokens_per_second=tokens_per_second or 0.0,
     )
-    patch: dict[str, Any] = status.model_dump(mode="json", exclude_none=True)
-    if tokens_per_second is None:
-        patch.pop("tokensPerSecond", None)  # the autoscaler's measurement; left as it is
-    for key in ("placement", "fit"):
-        patch.setdefault(key, None)  # null in a merge patch removes a stale plan
-    return patch

@@ -43,6 +43,7 @@ Object = dict[str, Any]
 
 DEPLOYMENT_LABEL = f"{GROUP}/deployment"
 COMPONENT_LABEL = "app.kubernetes.io/component"
+NAME_LABEL = "app.kubernetes.io/name"
 MANAGED_BY = "llama4-operator"
 METRICS_PORT = 8080  # Ray's metrics export port on every node
 DASHBOARD_PORT = 8265
@@ -59,6 +60,33 @@ class Owner:
     name: str
     namespace: str
     uid: str
+
+
+def ray_service_dashboard_url(owner: Owner, ray_cluster: str) -> str:
+    """The dashboard of a RayService's Ray cluster, through the head Service KubeRay makes for
+    that cluster (`<cluster>-head-svc`; the RayService's own one appears only once it is
+    Ready)."""
+    return f"http://{ray_cluster}-head-svc.{owner.namespace}.svc:{DASHBOARD_PORT}"
+
+
+def active_ray_cluster(ray_service: Mapping[str, Any]) -> str | None:
+    """The RayCluster serving a RayService's traffic, once KubeRay names one."""
+    status = ray_service.get("status") or {}
+    name = (status.get("activeServiceStatus") or {}).get("rayClusterName")
+    return str(name) if name else None
+
+
+def ray_service_token_secret(ray_service: Mapping[str, Any]) -> str | None:
+    """The Secret holding a RayService's Ray token (key `auth_token`), or None when its cluster
+    runs without token authentication: the one named in `authOptions`, else the one KubeRay
+    generates, named after the active RayCluster."""
+    cluster_spec = (ray_service.get("spec") or {}).get("rayClusterConfig") or {}
+    auth = cluster_spec.get("authOptions") or {}
+    if not auth or auth.get("mode", "token") != "token":  # KubeRay's default mode is token
+        return None
+    if auth.get("secretName"):
+        return str(auth["secretName"])
+    return active_ray_cluster(ray_service)
 
 
 @dataclass(frozen=True)
@@ -95,7 +123,7 @@ class RayPodSettings:
 def labels(owner: Owner, component: str) -> dict[str, str]:
     """The project's labels; `serving.llama4.dev/deployment` is the /scale selector."""
     return {
-        "app.kubernetes.io/name": "llama4-deployment",
+        NAME_LABEL: "llama4-deployment",
         "app.kubernetes.io/instance": owner.name,
         "app.kubernetes.io/managed-by": MANAGED_BY,
         COMPONENT_LABEL: component,
@@ -203,7 +231,10 @@ def _pod_template(
         pod["affinity"] = affinity
     if node_selector:
         pod["nodeSelector"] = node_selector
-    return {"metadata": {"labels": labels(owner, component)}, "spec": pod}
+    # KubeRay labels its pods app.kubernetes.io/name=kuberay and selects the RayService's head
+    # Service by it: the pods keep that name, not the project's.
+    pod_labels = {k: v for k, v in labels(owner, component).items() if k != NAME_LABEL}
+    return {"metadata": {"labels": pod_labels}, "spec": pod}
 
 
 def _worker_affinity(node: str, gpu_product: str | None) -> Object:
