@@ -27,6 +27,16 @@ LLAMA4CTL = devenv_operator.LLAMA4CTL  # the installed CLI, beside this Python
 Json = dict[str, Any]
 
 
+def process_running(pid: int) -> bool:
+    """Whether `pid` still runs: gone or a zombie is not (an exited container process waits
+    for whoever adopted it to reap it, which `down` does not control)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def llama4ctl(
     *args: str, timeout_s: float = 400, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:

@@ -26,7 +26,7 @@ from llama4_operator.devenv import real_nodes
 from llama4_operator.devenv.cluster import CLUSTER_ENV, ClusterConfig, LocalCluster
 from llama4_operator.devenv.demo import NAMESPACE, SUMMARY_FILE
 from llama4_operator.devenv.local_prometheus import target_health
-from support import llama4ctl, wait_for
+from support import llama4ctl, process_running, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -213,7 +213,7 @@ def test_demo_serves_the_tiny_model_and_stops_cleanly(tmp_path: Path) -> None:
     assert down.returncode == 0, down.stderr
     assert not cluster.running_processes()
     assert not _started_by(directory), "processes of the demo outlived `cluster down`"
-    still_running = [pid for pid in container_pids if Path(f"/proc/{pid}").exists()]
+    still_running = [pid for pid in container_pids if process_running(pid)]
     assert not still_running, f"container processes outlived `cluster down`: {still_running}"
     assert not directory.exists()
     assert not [path for path in real_node_state if path.exists()]

@@ -20,7 +20,7 @@ from llama4_operator.devenv import images, real_nodes
 from llama4_operator.devenv.cluster import ClusterConfig, LocalCluster
 from llama4_operator.devenv.nodes import GPU_PRODUCT_LABEL, NodePool
 from llama4_operator.handlers.status import pod_ready
-from support import REPO, Kubectl, wait_for
+from support import REPO, Kubectl, process_running, wait_for
 from support import helm as support_helm
 
 pytestmark = pytest.mark.cluster
@@ -227,17 +227,9 @@ def test_down_leaves_no_container_mount_namespace_or_interface(tmp_path: Path) -
         cluster.down()
     after = _host_state(state["node_network"], state["real_nodes"])
     assert after == {"links": [], "netns": [], "mounts": [], "cgroups": [], "directories": []}
-    still_running = [pid for pid in container_pids if _running(pid)]
+    still_running = [pid for pid in container_pids if process_running(pid)]
     assert not still_running, f"container processes outlived down: {still_running}"
     assert not (tmp_path / "real-down").exists()
-
-
-def _running(pid: int) -> bool:
-    try:
-        status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return status != "Z"
 
 
 OPERATOR_NS = "llama4-system"
