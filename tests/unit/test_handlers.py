@@ -375,6 +375,25 @@ def test_ready_waits_for_the_engine_on_a_replaced_worker_pod_to_run() -> None:
     assert kube.statuses[-1]["readyReplicas"] == 1
 
 
+def test_a_lost_worker_is_degraded_while_serve_reports_the_application_deploying() -> None:
+    # Serve notices the dead replica and reports the application DEPLOYING; with no engine
+    # left on a live pod that is not serving, and the loss must still be said.
+    head = FakeHead("s3cret")
+    kube, reconciler = _tiny_running_behind(head)
+    pod = RayWorkerPod("w", "r0-w0", ready=True, ip="10.244.0.7")
+    head.engines = [("RUNNING", "10.244.0.7")]
+    run(reconciler, body("tiny-vllm", status=kube.statuses[-1]), [pod])
+    assert kube.statuses[-1]["readyReplicas"] == 1
+    kube.objects[("RayService", "llm", "tiny")]["status"]["activeServiceStatus"][
+        "applicationStatuses"
+    ]["tiny"]["status"] = "DEPLOYING"
+    replacement = RayWorkerPod("w-new", "r0-w0", ready=False, ip="10.244.0.9")
+    run(reconciler, body("tiny-vllm", status=kube.statuses[-1]), [replacement])
+    found = conditions(kube.statuses[-1])
+    assert (found["Degraded"]["status"], found["Degraded"]["reason"]) == ("True", "RayWorkerLost")
+    assert (found["Ready"]["status"], found["Ready"]["reason"]) == ("False", "RayWorkerLost")
+
+
 def test_an_engine_restarting_without_a_lost_pod_is_starting_not_degraded() -> None:
     head = FakeHead("s3cret")
     kube, reconciler = _tiny_running_behind(head)

@@ -379,7 +379,10 @@ def deployment_conditions(state: DesiredState, health: ServeHealth | None) -> li
         detail = health.detail if health else "Serve application status UNKNOWN"
         ready = ConditionUpdate("Ready", "False", "ServeApplicationNotHealthy", detail)
         progressing = ConditionUpdate("Progressing", "True", "Deploying", detail)
-    if health is not None and health.serving:
+    # A lost worker is said whatever Serve reports meanwhile: once Serve notices the loss it may
+    # report the application DEPLOYING, which without the lost replica is not serving either.
+    lost = health is not None and health.workers_lost and health.status != DEPLOY_FAILED
+    if health is not None and (health.serving or lost):
         ready, progressing, degraded = _while_engines_wait(
             state, health, ready, progressing, degraded
         )
