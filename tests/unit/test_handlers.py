@@ -322,6 +322,11 @@ def _running_ray_service(kube: FakeKube) -> None:
     }
 
 
+def _again(kube: FakeKube, reconciler: Reconciler, workers: list[RayWorkerPod]) -> None:
+    """Reconcile the tiny sample once more, from the status last written, with `workers`."""
+    run(reconciler, body("tiny-vllm", status=kube.statuses[-1]), workers)
+
+
 def _tiny_running_behind(head: FakeHead) -> tuple[FakeKube, Reconciler]:
     """The tiny vLLM sample reconciled once, then reported RUNNING by KubeRay, its Ray head
     answering as `head` does."""
@@ -342,7 +347,7 @@ def test_ready_waits_for_the_engine_on_a_replaced_worker_pod_to_run() -> None:
     kube, reconciler = _tiny_running_behind(head)
     old_pod = RayWorkerPod("w-old", "r0-w0", ready=True, ip="10.244.0.7")
     head.engines = [("RUNNING", "10.244.0.7")]
-    run(reconciler, body("tiny-vllm", status=kube.statuses[-1]), [old_pod])
+    _again(kube, reconciler, [old_pod])
     found = conditions(kube.statuses[-1])
     assert (found["Ready"]["status"], found["Ready"]["reason"]) == (
         "True",
@@ -352,13 +357,13 @@ def test_ready_waits_for_the_engine_on_a_replaced_worker_pod_to_run() -> None:
         "http://tiny-raycluster-x7k2p-head-svc.llm.svc:8265/api/serve/applications/"
     )
 
-    run(reconciler, body("tiny-vllm", status=kube.statuses[-1]), [])  # the pod is gone
+    _again(kube, reconciler, [])  # the pod is gone
     assert conditions(kube.statuses[-1])["Degraded"]["reason"] == "RayWorkerLost"
 
     new_pod = RayWorkerPod("w-new", "r0-w0", ready=True, ip="10.244.0.9")
     for engines in ([("RUNNING", "10.244.0.7")], [("STARTING", "10.244.0.9")]):
         head.engines = engines
-        run(reconciler, body("tiny-vllm", status=kube.statuses[-1]), [new_pod])
+        _again(kube, reconciler, [new_pod])
         status = kube.statuses[-1]
         found = conditions(status)
         assert (found["Ready"]["status"], found["Ready"]["reason"]) == ("False", "RayWorkerLost")
@@ -369,7 +374,7 @@ def test_ready_waits_for_the_engine_on_a_replaced_worker_pod_to_run() -> None:
         assert status["readyReplicas"] == 0
 
     head.engines = [("RUNNING", "10.244.0.9")]
-    run(reconciler, body("tiny-vllm", status=kube.statuses[-1]), [new_pod])
+    _again(kube, reconciler, [new_pod])
     found = conditions(kube.statuses[-1])
     assert (found["Ready"]["status"], found["Degraded"]["status"]) == ("True", "False")
     assert kube.statuses[-1]["readyReplicas"] == 1
@@ -382,13 +387,13 @@ def test_a_lost_worker_is_degraded_while_serve_reports_the_application_deploying
     kube, reconciler = _tiny_running_behind(head)
     pod = RayWorkerPod("w", "r0-w0", ready=True, ip="10.244.0.7")
     head.engines = [("RUNNING", "10.244.0.7")]
-    run(reconciler, body("tiny-vllm", status=kube.statuses[-1]), [pod])
+    _again(kube, reconciler, [pod])
     assert kube.statuses[-1]["readyReplicas"] == 1
     kube.objects[("RayService", "llm", "tiny")]["status"]["activeServiceStatus"][
         "applicationStatuses"
     ]["tiny"]["status"] = "DEPLOYING"
     replacement = RayWorkerPod("w-new", "r0-w0", ready=False, ip="10.244.0.9")
-    run(reconciler, body("tiny-vllm", status=kube.statuses[-1]), [replacement])
+    _again(kube, reconciler, [replacement])
     found = conditions(kube.statuses[-1])
     assert (found["Degraded"]["status"], found["Degraded"]["reason"]) == ("True", "RayWorkerLost")
     assert (found["Ready"]["status"], found["Ready"]["reason"]) == ("False", "RayWorkerLost")
@@ -399,7 +404,7 @@ def test_an_engine_restarting_without_a_lost_pod_is_starting_not_degraded() -> N
     kube, reconciler = _tiny_running_behind(head)
     head.engines = [("STARTING", "10.244.0.7")]
     pod = RayWorkerPod("w", "r0-w0", ready=True, ip="10.244.0.7")
-    run(reconciler, body("tiny-vllm", status=kube.statuses[-1]), [pod])
+    _again(kube, reconciler, [pod])
     found = conditions(kube.statuses[-1])
     assert (found["Ready"]["status"], found["Ready"]["reason"]) == ("False", "EngineStarting")
     assert (found["Progressing"]["status"], found["Degraded"]["status"]) == ("True", "False")
@@ -409,11 +414,11 @@ def test_a_head_that_refuses_or_does_not_answer_leaves_kuberays_view() -> None:
     head = FakeHead("another token")  # refuses the Secret's
     kube, reconciler = _tiny_running_behind(head)
     pod = RayWorkerPod("w", "r0-w0", ready=True, ip="10.244.0.7")
-    run(reconciler, body("tiny-vllm", status=kube.statuses[-1]), [pod])
+    _again(kube, reconciler, [pod])
     assert head.requests, "the head was asked"
     assert conditions(kube.statuses[-1])["Ready"]["status"] == "True"
     del kube.objects[("Secret", "llm", "tiny-raycluster-x7k2p")]
-    run(reconciler, body("tiny-vllm", status=kube.statuses[-1]), [pod])
+    _again(kube, reconciler, [pod])
     assert conditions(kube.statuses[-1])["Ready"]["status"] == "True"
 
 
