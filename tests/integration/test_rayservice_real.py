@@ -3,7 +3,8 @@ kubelet node, renders a RayService for a tiny `engine: vllm` Llama4Deployment; K
 the Ray head and worker pods there from the Ray image built here (Ray, the serving package,
 vLLM's CPU build); the Serve application becomes healthy, the resource Ready through its
 RayService, and the OpenAI endpoint answers through the resource's Service. Scaling 1 -> 2 -> 1
-keeps serving every request, and a worker pod killed under load is replaced by KubeRay while
+keeps serving every request (the retired worker pod drains its Ray node, whichever replica Serve
+chose to stop), and a worker pod killed under load is replaced by KubeRay while
 the resource reports it (Degraded) and every request ends with an answer or an error.
 """
 
@@ -75,6 +76,38 @@ class Deployed:
         return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
 
 
+SERVE_PLACEMENT = """
+import json, os, urllib.request
+request = urllib.request.Request(
+    "http://localhost:8265/api/serve/applications/",
+    headers={"Authorization": "Bearer " + os.environ.get("RAY_AUTH_TOKEN", "")},
+)
+details = json.load(urllib.request.urlopen(request, timeout=10))
+print(json.dumps({
+    name: [(replica["state"], replica["node_ip"]) for replica in deployment["replicas"]]
+    for app in details["applications"].values()
+    for name, deployment in app["deployments"].items()
+}))
+"""
+
+
+def serve_placement(deployed: Deployed) -> str:
+    """Where Serve runs each replica (state, node IP), and the pods' IPs: for the log."""
+    listed = deployed.kubectl.run(
+        "get", "pods", "-n", NAMESPACE, "-o", "json", "-l", f"serving.llama4.dev/deployment={NAME}"
+    )  # fmt: skip
+    pods = yaml.safe_load(listed)["items"]
+    ips = {p["metadata"]["labels"].get("ray.io/group"): p["status"].get("podIP") for p in pods}
+    head = next(p["metadata"]["name"] for p in pods if "head" in p["metadata"]["name"])
+    try:
+        replicas = deployed.kubectl.run(
+            "exec", "-n", NAMESPACE, head, "-c", "ray-head", "--", "python3", "-c", SERVE_PLACEMENT
+        ).strip()
+    except Exception as error:  # only for the log
+        replicas = f"unread: {error}"
+    return f"pods {ips}, replicas {replicas}"
+
+
 def ready(pod: dict[str, Any]) -> bool:
     return pod_ready(pod.get("status") or {})
 
@@ -134,10 +167,14 @@ class Outcomes:
 
     counts: Counter[str] = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    started: float = field(default_factory=time.monotonic)
+    failures: list[str] = field(default_factory=list)  # when each non-200 came, for the log
 
     def add(self, outcome: str) -> None:
         with self.lock:
             self.counts[outcome] += 1
+            if outcome != "200":
+                self.failures.append(f"{outcome} at {time.monotonic() - self.started:.0f} s")
 
 
 @contextmanager
@@ -230,13 +267,20 @@ def test_scaling_one_two_one_through_the_ray_service_keeps_serving(deployed: Dep
     with load(deployed.base_url, clients=2) as outcomes:
         _scale(deployed, 2)
         wait_for(lambda: _serving(deployed, 2), 600, "two replicas serving")
+        scaled_up = time.monotonic() - outcomes.started
         groups = sorted(p["metadata"]["labels"]["ray.io/group"] for p in deployed.worker_pods())
         assert groups == ["r0-w0", "r1-w0"]
+        print(f"with two replicas: {serve_placement(deployed)}")
         _scale(deployed, 1)
         wait_for(lambda: _serving(deployed, 1), 300, "back to one replica serving")
+        scaled_down = time.monotonic() - outcomes.started
+        print(f"back to one replica: {serve_placement(deployed)}")
         settled = outcomes.counts["200"]
         wait_for(lambda: outcomes.counts["200"] >= settled + 5, 60, "answers after the scale-down")
-    print(f"requests while scaling 1 -> 2 -> 1: {dict(outcomes.counts)}")
+    print(
+        f"requests while scaling 1 -> 2 -> 1: {dict(outcomes.counts)}; two serving at "
+        f"{scaled_up:.0f} s, one at {scaled_down:.0f} s; failures: {outcomes.failures}"
+    )
     assert set(outcomes.counts) == {"200"}, outcomes.counts
     assert outcomes.counts["200"] > 20
 

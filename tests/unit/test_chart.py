@@ -15,10 +15,12 @@ import yaml
 
 from llama4_operator.devenv import tools
 from llama4_operator.handlers.config import (
+    DEFAULT_RAY_WORKER_DRAIN_S,
     ENV_RAY_CPU_LIMIT,
     ENV_RAY_HEAD_CPU,
     ENV_RAY_HEAD_MEMORY,
     ENV_RAY_WORKER_CPU_PER_GPU,
+    ENV_RAY_WORKER_DRAIN,
     ENV_RAY_WORKER_MEMORY_PER_GPU,
     ConfigError,
     OperatorConfig,
@@ -360,6 +362,23 @@ def test_ray_pod_sizes_reach_the_operator_as_flags_it_accepts() -> None:
     assert (config.ray_head_cpu, config.ray_head_memory) == ("500m", "2Gi")
     assert (config.ray_worker_cpu_per_gpu, config.ray_worker_memory_per_gpu) == ("0.25", "1536Mi")
     assert OperatorConfig.from_env(defaults).ray_worker_memory_per_gpu == "64Gi"
+
+
+def test_the_worker_drain_value_reaches_the_operator_as_its_flag() -> None:
+    def drain_seconds(*flags: str) -> str:
+        [value] = [
+            arg.partition("=")[2]
+            for arg in _container_args(*flags)
+            if arg.startswith("--ray-worker-drain-seconds=")
+        ]
+        return value
+
+    assert drain_seconds() == str(DEFAULT_RAY_WORKER_DRAIN_S)
+    value = drain_seconds("--set=operator.rayPods.workerDrainSeconds=1200")
+    assert OperatorConfig.from_env({ENV_RAY_WORKER_DRAIN: value}).ray_worker_drain_s == 1200
+    assert OperatorConfig.from_env({}).ray_worker_drain_s == DEFAULT_RAY_WORKER_DRAIN_S
+    with pytest.raises(ConfigError, match=ENV_RAY_WORKER_DRAIN):
+        OperatorConfig.from_env({ENV_RAY_WORKER_DRAIN: "soon"})
 
 
 def _container_args(*flags: str) -> list[str]:

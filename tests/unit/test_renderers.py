@@ -521,6 +521,29 @@ def test_ray_containers_get_a_writable_home(maverick_state: Any) -> None:
         assert {"name": "HOME", "value": "/tmp"} in container["env"]
 
 
+def test_deleted_workers_drain_their_ray_node_first(maverick_state: Any) -> None:
+    """KubeRay's `bash -c` is PID 1 and ignores SIGTERM: the preStop hook hands it to Ray,
+    which drains for as long as the setting says, inside the grace period."""
+    (ray_service,) = by_kind(maverick_state.children)["RayService"]
+    cluster = ray_service["spec"]["rayClusterConfig"]
+    for group in cluster["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        [container] = pod["containers"]
+        assert container["lifecycle"]["preStop"]["exec"]["command"] == [
+            "python3", "-m", "llama4_serving.drain", "--timeout=600",
+        ]  # fmt: skip
+        assert {"name": "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "value": "600"} in container["env"]
+        assert pod["terminationGracePeriodSeconds"] > 600
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    assert "lifecycle" not in head["containers"][0]
+    assert "terminationGracePeriodSeconds" not in head
+
+    shorter = _cluster(replace(SETTINGS, worker_drain_seconds=120), sample("scout"))
+    [container] = shorter["workerGroupSpecs"][0]["template"]["spec"]["containers"]
+    assert container["lifecycle"]["preStop"]["exec"]["command"][-1] == "--timeout=120"
+    assert shorter["workerGroupSpecs"][0]["template"]["spec"]["terminationGracePeriodSeconds"] > 120
+
+
 def _cluster(settings: RayPodSettings, spec: Llama4DeploymentSpec) -> Any:
     state = desired_state(OWNER, spec, h100_nodes(1), settings, Previous())
     (ray_service,) = by_kind(state.children)["RayService"]

@@ -117,6 +117,18 @@ from llama4_operator.handlers import config as operator_config
     ),
 )
 @click.option(
+    "--ray-worker-drain-seconds",
+    type=click.IntRange(min=1),
+    default=operator_config.DEFAULT_RAY_WORKER_DRAIN_S,
+    show_default=True,
+    envvar=operator_config.ENV_RAY_WORKER_DRAIN,
+    help=(
+        "How long a deleted Ray worker pod (scale-down, node drain, upgrade) drains its Ray "
+        "node: Serve starts its replicas on other workers and stops them there only then. "
+        "Longer than an engine takes to load the model."
+    ),
+)
+@click.option(
     "--ray-cpu-limit/--no-ray-cpu-limit",
     default=True,
     show_default=True,
@@ -222,6 +234,7 @@ def operator_command(
     ray_network_policy: str | None,
     ray_head_cpu: str,
     ray_cpu_limit: bool,
+    ray_worker_drain_seconds: int,
     ray_head_memory: str,
     ray_worker_cpu_per_gpu: str,
     ray_worker_memory_per_gpu: str,
@@ -243,6 +256,7 @@ def operator_command(
         operator_config.ENV_RAY_NETWORK_POLICY: ray_network_policy or "",
         operator_config.ENV_RAY_HEAD_CPU: ray_head_cpu,
         operator_config.ENV_RAY_CPU_LIMIT: str(ray_cpu_limit).lower(),
+        operator_config.ENV_RAY_WORKER_DRAIN: str(ray_worker_drain_seconds),
         operator_config.ENV_RAY_HEAD_MEMORY: ray_head_memory,
         operator_config.ENV_RAY_WORKER_CPU_PER_GPU: ray_worker_cpu_per_gpu,
         operator_config.ENV_RAY_WORKER_MEMORY_PER_GPU: ray_worker_memory_per_gpu,

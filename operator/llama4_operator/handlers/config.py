@@ -30,6 +30,7 @@ ENV_RAY_HEAD_MEMORY = "LLAMA4_RAY_HEAD_MEMORY"
 ENV_RAY_WORKER_CPU_PER_GPU = "LLAMA4_RAY_WORKER_CPU_PER_GPU"
 ENV_RAY_WORKER_MEMORY_PER_GPU = "LLAMA4_RAY_WORKER_MEMORY_PER_GPU"
 ENV_RAY_CPU_LIMIT = "LLAMA4_RAY_CPU_LIMIT"
+ENV_RAY_WORKER_DRAIN = "LLAMA4_RAY_WORKER_DRAIN_SECONDS"
 
 DEFAULT_IMAGE = "llama4-serving:0.1.0"
 DEFAULT_RESYNC_S = 60.0
@@ -42,6 +43,8 @@ DEFAULT_RAY_HEAD_CPU = "2"
 DEFAULT_RAY_HEAD_MEMORY = "8Gi"
 DEFAULT_RAY_WORKER_CPU_PER_GPU = "8"
 DEFAULT_RAY_WORKER_MEMORY_PER_GPU = "64Gi"
+# A deleted worker's replicas move before it stops: long enough for an engine to load elsewhere.
+DEFAULT_RAY_WORKER_DRAIN_S = 600
 # (flag, environment variable) of each size, for the messages.
 RAY_HEAD_CPU = ("--ray-head-cpu", ENV_RAY_HEAD_CPU)
 RAY_HEAD_MEMORY = ("--ray-head-memory", ENV_RAY_HEAD_MEMORY)
@@ -88,6 +91,8 @@ class OperatorConfig:
     ray_worker_memory_per_gpu: str = DEFAULT_RAY_WORKER_MEMORY_PER_GPU
     ray_cpu_limit: bool = True
     """Limit the Ray containers' CPU to their request; False: requests only (Burstable)."""
+    ray_worker_drain_s: int = DEFAULT_RAY_WORKER_DRAIN_S
+    """How long a deleted Ray worker pod drains its node (its replicas start elsewhere first)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -132,6 +137,9 @@ class OperatorConfig:
                 env, RAY_WORKER_MEMORY_PER_GPU, DEFAULT_RAY_WORKER_MEMORY_PER_GPU
             ),
             ray_cpu_limit=_flag(env, ENV_RAY_CPU_LIMIT, default=True),
+            ray_worker_drain_s=round(
+                _seconds(env, ENV_RAY_WORKER_DRAIN, DEFAULT_RAY_WORKER_DRAIN_S)
+            ),
         )
 
 

@@ -202,6 +202,7 @@ class Reconciler:
             worker_cpu_per_gpu=self.config.ray_worker_cpu_per_gpu,
             worker_memory_per_gpu=self.config.ray_worker_memory_per_gpu,
             cpu_limit=self.config.ray_cpu_limit,
+            worker_drain_seconds=self.config.ray_worker_drain_s,
         )
         return desired_state(
             owner,

@@ -51,6 +51,7 @@ RAY_NODE_TYPE_LABEL = "ray.io/node-type"  # KubeRay's, on every Ray pod: head or
 RAY_GROUP_LABEL = "ray.io/group"  # KubeRay's: the pod's worker group
 MODELS_MOUNT_PATH = "/models"  # where spec.model.weights.volumeClaimName is mounted
 EXPERT_PLACEMENT_KEY = "expert-placement.json"
+DRAIN_GRACE_MARGIN_S = 30  # past a worker's drain: Ray stops its processes, then the container
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,8 @@ class RayPodSettings:
     cpu_limit: bool = True
     """False: CPU requests only (Burstable), so engines on a shared dev node are not throttled
     at their request; KubeRay then gives Ray the request's CPUs."""
+    worker_drain_seconds: int = 600
+    """How long a deleted worker pod drains its Ray node (Serve moves its replicas first)."""
 
 
 def labels(owner: Owner, component: str) -> dict[str, str]:
@@ -206,7 +209,9 @@ def _pod_template(
     ports: list[Object],
     affinity: Object | None = None,
     node_selector: dict[str, str] | None = None,
+    drain_seconds: int = 0,
 ) -> Object:
+    """`drain_seconds` > 0: the pod drains its Ray node that long when deleted (workers)."""
     volumes, mounts = _volumes(spec)
     pod: Object = {
         "securityContext": _restricted_pod_security(),
@@ -225,6 +230,8 @@ def _pod_template(
             }
         ],
     }
+    if drain_seconds:
+        _drain_on_delete(pod, drain_seconds)
     if spec.resources.tolerations:
         pod["tolerations"] = [t.model_dump(exclude_none=True) for t in spec.resources.tolerations]
     if affinity:
@@ -235,6 +242,23 @@ def _pod_template(
     # Service by it: the pods keep that name, not the project's.
     pod_labels = {k: v for k, v in labels(owner, component).items() if k != NAME_LABEL}
     return {"metadata": {"labels": pod_labels}, "spec": pod}
+
+
+def _drain_on_delete(pod: Object, seconds: int) -> None:
+    """A deleted worker pod (scale-down, node drain, upgrade) first drains its Ray node, so
+    Serve moves the replicas there to other workers before they stop and no request is cut
+    off; see `llama4_serving.drain` for why a preStop hook does it. The grace period covers
+    the hook and Ray's own shutdown after it."""
+    [container] = pod["containers"]
+    container["env"].append(
+        {"name": "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "value": str(seconds)}
+    )
+    container["lifecycle"] = {
+        "preStop": {
+            "exec": {"command": ["python3", "-m", "llama4_serving.drain", f"--timeout={seconds}"]}
+        }
+    }
+    pod["terminationGracePeriodSeconds"] = seconds + DRAIN_GRACE_MARGIN_S
 
 
 def _worker_affinity(node: str, gpu_product: str | None) -> Object:
@@ -311,6 +335,7 @@ def render_ray_service(
                 ],
                 affinity=_worker_affinity(worker.node, gpu_product),
                 node_selector=dict(spec.resources.node_selector),
+                drain_seconds=settings.worker_drain_seconds,
             )
             groups.append(
                 {
