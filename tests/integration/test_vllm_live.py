@@ -29,7 +29,9 @@ from prometheus_server import PrometheusApi, prometheus
 from ray_serve import RayServe, ray_serve_cluster
 
 from llama4_operator.devenv.cluster import LocalCluster
+from llama4_operator.monitoring import dashboards, rules
 from llama4_operator.monitoring.rules import GENERATED_TOKENS_RATE
+from llama4_operator.monitoring.selectors import Selectors
 from llama4_operator.renderers.children import Owner, external_app_name, external_route_prefix
 from support import REPO, Kubectl, OperatorProcess, wait_for
 
@@ -292,6 +294,47 @@ def test_streaming_reports_usage(served: Served) -> None:
     assert usage.completion_tokens == 5
     assert usage.prompt_tokens > 0
     assert text, "no content was streamed"
+
+
+# Recorded from the reference engine's per-expert counters: vLLM exports no expert load.
+REFERENCE_ENGINE_ONLY = ("llama4_expert_routed_tokens", "llama4_expert_balance")
+OPERATOR_SERIES = ("llama4_operator_", "llama4_autoscaler_")
+
+
+def test_every_serving_rule_and_panel_has_data_from_vllm(served: Served) -> None:
+    """The recording rules and dashboard panels read vLLM's own series (Ray's metrics agents,
+    scraped by the real Prometheus here) as they read the reference engine's."""
+    client = served.client()
+    for _ in range(3):  # requests over a few scrapes, so rates and quantiles have data
+        client.completions.create(model=served.model, prompt="Metrics for", max_tokens=4)
+    recorded = [
+        rule["record"]
+        for rule in rules.recording_rules(Selectors())
+        if not any(name in rule["record"] for name in REFERENCE_ENGINE_ONLY)
+    ]
+    assert rules.KV_CACHE_USAGE in recorded
+    assert rules.REQUESTS_WAITING in recorded
+    for record in recorded:
+        wait_for(
+            lambda record=record: served.prometheus.query(f'{record}{{name="{NAME}"}}'),
+            90,
+            f"recording rule {record} from vLLM's series",
+        )
+    # What a user picks in Grafana: All namespaces (external-Ray series have none), this one.
+    variables = {"$namespace": ".*", "$deployment": NAME}
+    for dashboard in dashboards.all_dashboards(Selectors()):
+        for panel in dashboard.to_json()["panels"]:
+            for target in panel["targets"]:
+                expr: str = target["expr"]
+                if any(name in expr for name in (*OPERATOR_SERIES, *REFERENCE_ENGINE_ONLY)):
+                    continue
+                for variable, value in variables.items():
+                    expr = expr.replace(variable, value)
+                wait_for(
+                    lambda expr=expr: served.prometheus.query(expr),
+                    60,
+                    f"panel {panel['title']!r} from vLLM's series: {expr}",
+                )
 
 
 @pytest.mark.parametrize(

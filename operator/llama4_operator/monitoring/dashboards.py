@@ -207,6 +207,20 @@ def overview(sel: Selectors) -> Dashboard:
                 unit="percentunit",
                 description=f"Failed requests over all; the SLO allows {sel.error_budget():.2%}.",
             ),
+            Panel(
+                "KV-cache use, busiest replica",
+                (Target(f"{rules.KV_CACHE_USAGE}{{{BY_NAME}}}", legend),),
+                unit="percentunit",
+                description=(
+                    "Share of the KV cache in use on the deployment's fullest replica; near 100 % "
+                    "requests queue (or are preempted) for cache."
+                ),
+            ),
+            Panel(
+                "Requests waiting",
+                (Target(f"{rules.REQUESTS_WAITING}{{{BY_NAME}}}", legend),),
+                description="Requests queued in the engines for prefill, all replicas.",
+            ),
             Panel("GPUs", (Target(gpus, legend),), kind="stat", width=6),
             Panel(
                 "Cost per million tokens",

@@ -31,19 +31,21 @@ EXPERT_REBALANCES = "llama4_operator_expert_rebalances_total"  # counter {namesp
 # Recorded series the dashboards and the demo read, keyed by the Llama4Deployment.
 GENERATED_TOKENS_RATE = "namespace_name:llama4_generation_tokens:rate5m"
 ROUTED_TOKENS_RATE = "namespace_name_layer_expert:llama4_expert_routed_tokens:rate5m"
+KV_CACHE_USAGE = "namespace_name:llama4_kv_cache_usage_ratio:max"
+REQUESTS_WAITING = "namespace_name:llama4_requests_waiting:sum"
 
 Rule = dict[str, Any]
 
 
-def _by_deployment(inner: str, extra: str = "") -> str:
-    """Sum the serving series `inner` by namespace and Llama4Deployment name: the
+def _by_deployment(inner: str, extra: str = "", aggregation: str = "sum") -> str:
+    """Sum (or `aggregation`) the serving series `inner` by namespace and Llama4Deployment: the
     `llama4_deployment` label the operator attaches to their targets, or, on series scraped
     without it, the served model name (which defaults to the deployment's name)."""
     keys = ", ".join(k for k in ("namespace", "name", extra) if k)
     named = f'label_replace({inner}, "name", "$1", "model_name", "(.*)")'
     # The regex (.+) leaves `name` alone where the deployment label is absent or empty.
     named = f'label_replace({named}, "name", "$1", "{DEPLOYMENT_SERIES_LABEL}", "(.+)")'
-    return f"sum by ({keys}) ({named})"
+    return f"{aggregation} by ({keys}) ({named})"
 
 
 # The same quantities in the vllm engine's own series (vLLM's `vllm:*` metrics as Ray's metrics
@@ -56,6 +58,9 @@ VLLM_SERIES = {
     "llama4_time_per_output_token_seconds_bucket": (
         "ray_vllm_request_time_per_output_token_seconds_bucket"
     ),
+    # vLLM's `kv_cache_usage_perc` is a ratio too (0..1), despite its name.
+    "llama4_kv_cache_usage_ratio": "ray_vllm_kv_cache_usage_perc",
+    "llama4_requests_waiting": "ray_vllm_num_requests_waiting",
 }
 # The label naming why a request finished: the reference engine's and vLLM's.
 FINISH_LABELS = ("finish_reason", "finished_reason")
@@ -81,6 +86,15 @@ def recording_rules(sel: Selectors) -> list[Rule]:
         {
             "record": "namespace_name:llama4_requests:rate5m",
             "expr": _by_deployment(f"rate({_series('llama4_requests_total', s)}[5m])"),
+        },
+        {
+            # The busiest replica's: the first to run out of KV cache and queue requests.
+            "record": KV_CACHE_USAGE,
+            "expr": _by_deployment(_series("llama4_kv_cache_usage_ratio", s), aggregation="max"),
+        },
+        {
+            "record": REQUESTS_WAITING,
+            "expr": _by_deployment(_series("llama4_requests_waiting", s)),
         },
     ]
     for window in ERROR_RATIO_WINDOWS:
