@@ -9,7 +9,7 @@ import json
 import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import kopf
@@ -925,3 +925,28 @@ def test_the_reconciler_sizes_the_ray_pods_and_declares_a_custom_accelerator() -
     }
     assert worker["resources"]["requests"] == worker["resources"]["limits"]
     assert group["rayStartParams"] == {"num-gpus": "0", "resources": "'{\"fake_gpu\":8}'"}
+
+
+def test_the_handlers_share_one_runtime_from_kopfs_memo() -> None:
+    """Startup puts the runtime in the memo; a handler that runs before it asks Kopf to retry,
+    and the resource handlers reconcile through it, under its planning lock."""
+    from llama4_operator.handlers import kopf_handlers as handlers
+
+    obj = body("maverick")
+    memo = kopf.Memo()
+    no_workers = cast(handlers.RayWorkers, {})  # the pod index, empty
+
+    def reconcile() -> None:  # what the create, update, resume and resync handlers call
+        raw = cast(kopf.RawBody, obj)
+        asyncio.run(handlers._reconcile_locked(kopf.Body(raw), memo, LOG, no_workers))
+
+    with pytest.raises(kopf.TemporaryError, match="still starting"):
+        reconcile()
+
+    kube = FakeKube(h100_hosts(2))
+    runtime = handlers.OperatorRuntime.for_reconciler(Reconciler(kube, CONFIG), CONFIG)
+    assert runtime.rebalancer.lock is runtime.planning_lock  # re-plans wait for reconciles
+    memo["runtime"] = runtime
+    reconcile()
+    assert "RayService/maverick" in kube.applied
+    assert handlers.runtime_of(memo) is runtime

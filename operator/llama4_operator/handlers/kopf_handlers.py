@@ -3,14 +3,16 @@
 Thin by design: startup settings, one level-based reconcile for create/resume/update, a timer
 that re-applies drift, timers for autoscaling (`handlers.autoscale`) and expert rebalancing
 (`handlers.rebalance`), and a delete handler behind the project's finalizer. Each handler parses
-Kopf's body once into a typed `Llama4Deployment` (`handlers.resource`) and hands that on. A lock
-serialises reconciliations (see `_planning_lock`).
+Kopf's body once into a typed `Llama4Deployment` (`handlers.resource`) and hands that on. What the
+handlers share (the reconciler, autoscaler, rebalancer and the lock that serialises planning) is
+made once at startup and kept in Kopf's memo (`OperatorRuntime`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
@@ -38,10 +40,35 @@ HANDLER_TIMEOUT_S = 300
 HANDLER_RETRIES = 20
 HANDLER_BACKOFF_S = 10
 
-_reconciler: Reconciler | None = None
-# One reconciliation at a time, all objects included: each plans against the GPUs the others
-# placed (their status), so two plans made side by side would claim the same free GPUs.
-_planning_lock = asyncio.Lock()
+
+@dataclass
+class OperatorRuntime:
+    """What every handler shares, one per operator process, kept in Kopf's memo."""
+
+    reconciler: Reconciler
+    autoscaler: Autoscaler
+    rebalancer: Rebalancer
+    # One reconciliation at a time, all objects included: each plans against the GPUs the
+    # others placed (their status), so two plans made side by side would claim the same GPUs.
+    planning_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @classmethod
+    def for_reconciler(cls, reconciler: Reconciler, config: OperatorConfig) -> OperatorRuntime:
+        lock = asyncio.Lock()
+        return cls(
+            reconciler=reconciler,
+            autoscaler=Autoscaler.for_config(reconciler.kube, config),
+            rebalancer=Rebalancer.for_config(reconciler, config, lock),
+            planning_lock=lock,
+        )
+
+
+def runtime_of(memo: kopf.Memo) -> OperatorRuntime:
+    """The runtime the startup handler put in `memo`; handlers that run before it retry."""
+    runtime = memo.get("runtime")
+    if not isinstance(runtime, OperatorRuntime):
+        raise kopf.TemporaryError("the operator is still starting", delay=5)
+    return runtime
 
 
 def configure_settings(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
@@ -66,32 +93,6 @@ def configure_settings(settings: kopf.OperatorSettings, config: OperatorConfig) 
         settings.peering.mandatory = True
 
 
-def _runtime() -> Reconciler:
-    if _reconciler is None:
-        raise kopf.TemporaryError("the operator is still starting", delay=5)
-    return _reconciler
-
-
-_autoscaler: Autoscaler | None = None
-
-
-def _autoscaling() -> Autoscaler:
-    global _autoscaler  # noqa: PLW0603 - one autoscaler per operator process, made on first use
-    if _autoscaler is None:
-        _autoscaler = Autoscaler.for_config(_runtime().kube, CONFIG)
-    return _autoscaler
-
-
-_rebalancer: Rebalancer | None = None
-
-
-def _rebalancing() -> Rebalancer:
-    global _rebalancer  # noqa: PLW0603 - one rebalancer per operator process, made on first use
-    if _rebalancer is None:
-        _rebalancer = Rebalancer.for_config(_runtime(), CONFIG, _planning_lock)
-    return _rebalancer
-
-
 @kopf.on.login()
 def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
     """Log Kopf in with the same credentials the kube module uses (`--kubeconfig` honoured)."""
@@ -100,16 +101,19 @@ def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
 
 @kopf.on.startup()
 async def startup(
-    settings: kopf.OperatorSettings, logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any
+    settings: kopf.OperatorSettings,
+    memo: kopf.Memo,
+    logger: logging.Logger | logging.LoggerAdapter[Any],
+    **_: Any,
 ) -> None:
-    global _reconciler  # noqa: PLW0603 - one runtime per operator process, set at startup
     configure_settings(settings, CONFIG)
     dashboard = (
         RayDashboard(CONFIG.external_ray_dashboard, token_file=CONFIG.ray_auth_token_file)
         if CONFIG.external_ray_dashboard
         else None
     )
-    _reconciler = Reconciler(Kube.from_kubeconfig(CONFIG.kubeconfig), CONFIG, dashboard)
+    reconciler = Reconciler(Kube.from_kubeconfig(CONFIG.kubeconfig), CONFIG, dashboard)
+    memo["runtime"] = OperatorRuntime.for_reconciler(reconciler, CONFIG)
     logger.info(
         "llama4-operator started: metrics port %s, external Ray %s, resync every %.0fs",
         CONFIG.metrics_port or "off",
@@ -138,11 +142,14 @@ def ray_worker_pods(
     }
 
 
-async def _reconcile_locked(body: kopf.Body, logger: Any, ray_workers: RayWorkers) -> None:
+async def _reconcile_locked(
+    body: kopf.Body, memo: kopf.Memo, logger: Any, ray_workers: RayWorkers
+) -> None:
     resource = Llama4Deployment.from_body(body)
     workers = tuple(ray_workers.get((resource.owner.namespace, resource.owner.name), ()))
-    async with _planning_lock:
-        await _runtime().reconcile(resource, logger, workers)
+    runtime = runtime_of(memo)
+    async with runtime.planning_lock:
+        await runtime.reconciler.reconcile(resource, logger, workers)
 
 
 @kopf.on.resume(
@@ -169,9 +176,9 @@ async def _reconcile_locked(body: kopf.Body, logger: Any, ray_workers: RayWorker
     retries=HANDLER_RETRIES,
     backoff=HANDLER_BACKOFF_S,
 )
-async def reconcile(body: kopf.Body, logger: Any, **kwargs: Any) -> None:
+async def reconcile(body: kopf.Body, memo: kopf.Memo, logger: Any, **kwargs: Any) -> None:
     """Create, resume and update: make the children match the spec."""
-    await _reconcile_locked(body, logger, kwargs["ray_worker_pods"])
+    await _reconcile_locked(body, memo, logger, kwargs["ray_worker_pods"])
 
 
 @kopf.timer(
@@ -182,10 +189,10 @@ async def reconcile(body: kopf.Body, logger: Any, **kwargs: Any) -> None:
     initial_delay=CONFIG.resync_interval_s,
     timeout=HANDLER_TIMEOUT_S,
 )
-async def resync(body: kopf.Body, logger: Any, **kwargs: Any) -> None:
+async def resync(body: kopf.Body, memo: kopf.Memo, logger: Any, **kwargs: Any) -> None:
     """Undo drift (children edited or deleted by hand) and refresh health in status."""
     try:
-        await _reconcile_locked(body, logger, kwargs["ray_worker_pods"])
+        await _reconcile_locked(body, memo, logger, kwargs["ray_worker_pods"])
     except kopf.PermanentError as error:
         logger.debug("resync skipped: %s", error)  # already reported in status
 
@@ -198,10 +205,10 @@ async def resync(body: kopf.Body, logger: Any, **kwargs: Any) -> None:
     initial_delay=CONFIG.autoscale_interval_s,
     timeout=HANDLER_TIMEOUT_S,
 )
-async def autoscale(body: kopf.Body, logger: Any, **_: Any) -> None:
+async def autoscale(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
     """Set spec.replicas from live token throughput when spec.autoscaling.enabled. Not under
-    `_planning_lock`: it waits on metrics over HTTP and only scales; reconcile does the rest."""
-    await _autoscaling().tick(Llama4Deployment.from_body(body), logger)
+    the planning lock: it waits on metrics over HTTP and only scales; reconcile does the rest."""
+    await runtime_of(memo).autoscaler.tick(Llama4Deployment.from_body(body), logger)
 
 
 @kopf.timer(
@@ -212,11 +219,11 @@ async def autoscale(body: kopf.Body, logger: Any, **_: Any) -> None:
     initial_delay=CONFIG.rebalance_tick_s,
     timeout=HANDLER_TIMEOUT_S,
 )
-async def rebalance(body: kopf.Body, logger: Any, **_: Any) -> None:
+async def rebalance(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
     """Re-plan the experts from measured load when spec.placement.rebalance asks for it (each
-    deployment once per its intervalSeconds); takes `_planning_lock` only to re-plan."""
+    deployment once per its intervalSeconds); takes the planning lock only to re-plan."""
     try:
-        await _rebalancing().check(Llama4Deployment.from_body(body), logger)
+        await runtime_of(memo).rebalancer.check(Llama4Deployment.from_body(body), logger)
     except kopf.PermanentError as error:
         logger.debug("rebalance skipped: %s", error)  # reported in status by the reconcile
 
@@ -229,17 +236,18 @@ async def rebalance(body: kopf.Body, logger: Any, **_: Any) -> None:
     retries=HANDLER_RETRIES,
     backoff=HANDLER_BACKOFF_S,
 )
-async def delete(body: kopf.Body, logger: Any, **_: Any) -> None:
+async def delete(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
     """Owner references remove the Kubernetes children; what they cannot reach goes here."""
     owner = Llama4Deployment.from_body(body).owner
-    runtime = _runtime()
-    if runtime.dashboard is not None:
+    runtime = runtime_of(memo)
+    reconciler = runtime.reconciler
+    if reconciler.dashboard is not None:
         try:
-            await runtime.dashboard.remove(external_app_name(owner))
+            await reconciler.dashboard.remove(external_app_name(owner))
         except RayAuthenticationError as error:
             # A refused token will not mend itself soon: the deletion goes on, and says what
             # it left behind.
-            runtime.kube.post_event(
+            reconciler.kube.post_event(
                 owner,
                 "Warning",
                 "RayAuthenticationFailed",
@@ -247,8 +255,6 @@ async def delete(body: kopf.Body, logger: Any, **_: Any) -> None:
                 f"which refused to list or remove it: {error}",
             )
     metrics.forget(owner.namespace, owner.name)
-    if _autoscaler is not None:
-        _autoscaler.forget(owner.namespace, owner.name)
-    if _rebalancer is not None:
-        _rebalancer.forget(owner.namespace, owner.name)
+    runtime.autoscaler.forget(owner.namespace, owner.name)
+    runtime.rebalancer.forget(owner.namespace, owner.name)
     logger.info("cleaned up %s/%s", owner.namespace, owner.name)
