@@ -399,6 +399,25 @@ def test_a_lost_worker_is_degraded_while_serve_reports_the_application_deploying
     assert (found["Ready"]["status"], found["Ready"]["reason"]) == ("False", "RayWorkerLost")
 
 
+def test_a_replica_on_a_draining_worker_serves_until_its_replacement_runs() -> None:
+    # A worker pod deleted by a scale-down or a node drain drains its Ray node: Serve keeps the
+    # replica there (PENDING_MIGRATION) serving while a replacement starts on another worker.
+    head = FakeHead("s3cret")
+    kube, reconciler = _tiny_running_behind(head)
+    draining = RayWorkerPod("w-old", "r1-w0", ready=True, ip="10.244.0.7")
+    kept = RayWorkerPod("w", "r0-w0", ready=True, ip="10.244.0.9")
+    head.engines = [("PENDING_MIGRATION", "10.244.0.7"), ("STARTING", "10.244.0.9")]
+    _again(kube, reconciler, [kept, draining])
+    found = conditions(kube.statuses[-1])
+    assert (found["Ready"]["status"], found["Degraded"]["status"]) == ("True", "False")
+    assert kube.statuses[-1]["readyReplicas"] == 1
+    # Once the draining pod has stopped, only the replacement counts, and it is still starting.
+    head.engines = [("STOPPING", "10.244.0.7"), ("STARTING", "10.244.0.9")]
+    _again(kube, reconciler, [kept])
+    found = conditions(kube.statuses[-1])
+    assert (found["Ready"]["status"], found["Ready"]["reason"]) == ("False", "EngineStarting")
+
+
 def test_an_engine_restarting_without_a_lost_pod_is_starting_not_degraded() -> None:
     head = FakeHead("s3cret")
     kube, reconciler = _tiny_running_behind(head)

@@ -33,6 +33,9 @@ WORKER_LOST = "RayWorkerLost"
 DEPLOYING = "DEPLOYING"
 DEPLOY_FAILED = "DEPLOY_FAILED"  # the application could not be built or its replicas started
 REPLICA_RUNNING = "RUNNING"
+# Serve's state of a replica on a draining Ray node: it serves until its replacement runs.
+REPLICA_MIGRATING = "PENDING_MIGRATION"
+SERVING_REPLICA_STATES = frozenset({REPLICA_RUNNING, REPLICA_MIGRATING})
 # Serve deployment states in which the replicas already started go on serving.
 SERVING_DEPLOYMENT_STATES = frozenset({"HEALTHY", "UPSCALING", "DOWNSCALING"})
 
@@ -221,13 +224,14 @@ def serve_details_health(
     """Read one application of Ray Serve's REST details (`GET /api/serve/applications/`), which
     lists each deployment's replicas and their states. `engine_hosts`: the IPs of the Ready Ray
     worker pods, where known; an engine replica elsewhere is not counted, as Serve goes on
-    listing a replica RUNNING for a while after its pod is gone."""
+    listing a replica RUNNING for a while after its pod is gone. A replica on a draining worker
+    (PENDING_MIGRATION) counts: Serve routes to it until its replacement runs."""
     deployments = {
         str(name): d for name, d in (app.get("deployments") or {}).items() if isinstance(d, Mapping)
     }
 
     def alive(name: str, replica: Mapping[str, Any]) -> bool:
-        if replica.get("state") != REPLICA_RUNNING:
+        if replica.get("state") not in SERVING_REPLICA_STATES:
             return False
         return (
             engine_hosts is None
