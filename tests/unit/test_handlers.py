@@ -247,6 +247,38 @@ def test_a_lost_ray_worker_pod_degrades_the_deployment_until_kuberay_replaces_it
     assert kube.statuses[-1]["readyReplicas"] == 2
 
 
+def _serve_target(kube: FakeKube) -> int:
+    ray_service = kube.objects[("RayService", "llm", "maverick")]
+    (app,) = yaml.safe_load(ray_service["spec"]["serveConfigV2"])["applications"]
+    return int(app["deployments"][0]["num_replicas"])
+
+
+def test_a_scale_down_lowers_serves_target_once_the_retired_worker_pod_is_deleted() -> None:
+    kube = FakeKube(h100_hosts(2))
+    reconciler = Reconciler(
+        kube, CONFIG, clock=lambda: START, head_transport=httpx.MockTransport(unreachable_head)
+    )
+    run(reconciler, body("maverick", replicas=2))
+    kube.objects[("RayService", "llm", "maverick")]["status"] = {
+        "activeServiceStatus": {"applicationStatuses": {"maverick": {"status": "RUNNING"}}}
+    }
+    kept = RayWorkerPod("w-0", "r0-w0", ready=True)
+    retired = RayWorkerPod("w-1", "r1-w0", ready=True)
+    run(reconciler, body("maverick", status=kube.statuses[-1], replicas=1), [kept, retired])
+    assert _serve_target(kube) == 2  # replica 1's pod still runs: KubeRay has yet to delete it
+    assert kube.statuses[-1]["replicas"] == 1
+    deleted = RayWorkerPod("w-1", "r1-w0", ready=True, terminating=True)
+    run(reconciler, body("maverick", status=kube.statuses[-1], replicas=1), [kept, deleted])
+    assert _serve_target(kube) == 1  # draining: Serve stops the replica there first
+    # While KubeRay moves to a new cluster (which has no group r1-w0), nothing is held.
+    run(reconciler, body("maverick", status=kube.statuses[-1], replicas=2), [kept, retired])
+    kube.objects[("RayService", "llm", "maverick")]["status"]["pendingServiceStatus"] = {
+        "rayClusterName": "maverick-raycluster-new"
+    }
+    run(reconciler, body("maverick", status=kube.statuses[-1], replicas=1), [kept, retired])
+    assert _serve_target(kube) == 1
+
+
 def test_the_worker_pod_of_a_replica_being_added_is_starting_not_lost() -> None:
     kube = FakeKube(h100_hosts(2))
     reconciler = Reconciler(

@@ -269,6 +269,41 @@ def test_a_stable_previous_plan_is_kept(maverick_state: Any) -> None:
     assert again.experts.placement == maverick_state.experts.placement
 
 
+def _serve_target_and_groups(state: Any) -> tuple[int, dict[str, int]]:
+    (ray_service,) = by_kind(state.children)["RayService"]
+    (app,) = yaml.safe_load(ray_service["spec"]["serveConfigV2"])["applications"]
+    (server,) = app["deployments"]
+    groups = ray_service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    return server["num_replicas"], {g["groupName"]: g["replicas"] for g in groups}
+
+
+def test_a_scale_down_keeps_serves_target_until_the_retired_worker_is_deleted(
+    maverick_state: Any,
+) -> None:
+    (live,) = by_kind(maverick_state.children)["RayService"]
+    previous = Previous(
+        placement=maverick_state.placement,
+        experts=maverick_state.experts.placement,
+        worker_groups=tuple(live["spec"]["rayClusterConfig"]["workerGroupSpecs"]),
+        running_worker_groups=frozenset({"r0-w0", "r1-w0"}),
+    )
+    one = sample("maverick", replicas=1)
+    # Replica 1's worker group goes to zero pods at once; Serve still counts its replica, so
+    # it cannot stop replica 0's instead while replica 1's pod is about to go.
+    held = desired_state(OWNER, one, h100_nodes(3), SETTINGS, previous)
+    assert held.placed_replicas == 1
+    assert _serve_target_and_groups(held) == (2, {"r0-w0": 1, "r1-w0": 0})
+    # Its pod is being deleted (draining): Serve's target follows the plan.
+    going = replace(previous, running_worker_groups=frozenset({"r0-w0"}))
+    done = desired_state(OWNER, one, h100_nodes(3), SETTINGS, going)
+    assert _serve_target_and_groups(done) == (1, {"r0-w0": 1, "r1-w0": 0})
+    # Groups of the plan, and names that are not worker groups, never raise the target.
+    others = replace(previous, running_worker_groups=frozenset({"r0-w0", "head", "r0-w1"}))
+    assert (
+        _serve_target_and_groups(desired_state(OWNER, one, h100_nodes(3), SETTINGS, others))[0] == 1
+    )
+
+
 def test_external_ray_mode_renders_no_ray_service() -> None:
     state = desired_state(
         OWNER,

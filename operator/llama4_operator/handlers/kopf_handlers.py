@@ -128,7 +128,12 @@ RayWorkers = kopf.Index[tuple[str, str], RayWorkerPod]
 
 @kopf.index("v1", "pods", labels={DEPLOYMENT_LABEL: kopf.PRESENT, RAY_NODE_TYPE_LABEL: "worker"})
 def ray_worker_pods(
-    namespace: str | None, name: str, labels: kopf.Labels, status: kopf.Status, **_: Any
+    namespace: str | None,
+    name: str,
+    labels: kopf.Labels,
+    meta: kopf.Meta,
+    status: kopf.Status,
+    **_: Any,
 ) -> dict[tuple[str, str], RayWorkerPod]:
     """The Ray worker pods of each deployment, by (namespace, deployment): a lost worker shows
     here at once, while Serve's status (through KubeRay) lags by a minute or more."""
@@ -138,6 +143,7 @@ def ray_worker_pods(
             group=labels.get(RAY_GROUP_LABEL, ""),
             ready=pod_ready(status),
             ip=str(status.get("podIP") or ""),
+            terminating=bool(meta.get("deletionTimestamp")),
         )
     }
 

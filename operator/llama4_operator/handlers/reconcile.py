@@ -69,6 +69,18 @@ RAY_TOKEN_KEY = "auth_token"  # KubeRay's key in a Ray cluster's token Secret
 UNREAD_APPLICATION = frozenset({"UNREACHABLE", "UNAUTHENTICATED", "NOT_FOUND"})
 
 
+def running_worker_groups(
+    ray_service: Mapping[str, Any] | None, ray_workers: Sequence[RayWorkerPod]
+) -> frozenset[str]:
+    """The worker groups whose pods serve and are not being deleted, which hold Serve's target
+    up during a scale-down (see `serve_replicas`). None while KubeRay moves to a new cluster:
+    that cluster lacks the retired groups, and a target held for them would stall the move."""
+    status = (ray_service or {}).get("status") or {}
+    if (status.get("pendingServiceStatus") or {}).get("rayClusterName"):
+        return frozenset()
+    return frozenset(pod.group for pod in ray_workers if pod.ready and not pod.terminating)
+
+
 async def read_expert_placement(kube: KubeApi, owner: Owner) -> ExpertPlacement | None:
     """The expert plan in the deployment's placement ConfigMap (None: none yet, or unreadable)."""
     config_map = await kube.get("v1", "ConfigMap", owner.namespace, expert_config_map_name(owner))
@@ -135,7 +147,7 @@ class Reconciler:
                 health=None,
             )
             raise kopf.PermanentError(f"invalid spec: {resource.spec_error}")
-        state = await self._plan(resource, spec)
+        state = await self._plan(resource, spec, ray_workers or ())
         if not state.fit.fits:
             metrics.FIT_FAILURES.inc()
             logger.info("does not fit: %s", state.fit.message)
@@ -177,7 +189,12 @@ class Reconciler:
             # Exported at 0 before the first rebalance, so the dashboards' increase() has data.
             metrics.EXPERT_REBALANCES.labels(owner.namespace, owner.name)
 
-    async def _plan(self, resource: Llama4Deployment, spec: Llama4DeploymentSpec) -> DesiredState:
+    async def _plan(
+        self,
+        resource: Llama4Deployment,
+        spec: Llama4DeploymentSpec,
+        ray_workers: Sequence[RayWorkerPod],
+    ) -> DesiredState:
         owner = resource.owner
         nodes = await self.kube.gpu_nodes(owner.namespace, owner.name)
         service_monitor = spec.monitoring.service_monitor and await self.kube.crd_exists(
@@ -191,6 +208,7 @@ class Reconciler:
             placement=previous_placement(resource.status.placement),
             experts=await self._previous_experts(owner),
             worker_groups=tuple(groups),
+            running_worker_groups=running_worker_groups(live, ray_workers),
         )
         settings = RayPodSettings(
             image=self.config.image,

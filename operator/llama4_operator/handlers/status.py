@@ -65,6 +65,7 @@ class RayWorkerPod:
     group: str  # its KubeRay worker group, `r<replica>-w<worker>`
     ready: bool
     ip: str = ""  # the pod's IP: the Ray node IP of what runs on it
+    terminating: bool = False  # deleted and draining its Ray node (metadata.deletionTimestamp)
 
 
 def pod_ready(status: Mapping[str, Any]) -> bool:

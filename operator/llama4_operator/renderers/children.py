@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,7 @@ METRICS_PORT = 8080  # Ray's metrics export port on every node
 DASHBOARD_PORT = 8265
 RAY_NODE_TYPE_LABEL = "ray.io/node-type"  # KubeRay's, on every Ray pod: head or worker
 RAY_GROUP_LABEL = "ray.io/group"  # KubeRay's: the pod's worker group
+WORKER_GROUP_PATTERN = re.compile(r"r(\d+)-w(\d+)")  # see worker_group_name
 MODELS_MOUNT_PATH = "/models"  # where spec.model.weights.volumeClaimName is mounted
 EXPERT_PLACEMENT_KEY = "expert-placement.json"
 DRAIN_GRACE_MARGIN_S = 30  # past a worker's drain: Ray stops its processes, then the container
@@ -278,6 +280,12 @@ def _worker_affinity(node: str, gpu_product: str | None) -> Object:
 
 def worker_group_name(replica: int, worker: int) -> str:
     return f"r{replica}-w{worker}"
+
+
+def replica_of_worker_group(group: str) -> int | None:
+    """The replica index in a worker group's name (`r<replica>-w<worker>`); None for others."""
+    match = WORKER_GROUP_PATTERN.fullmatch(group)
+    return int(match.group(1)) if match else None
 
 
 def render_ray_service(

@@ -3,7 +3,7 @@ fit check -> cluster placement -> expert placement -> serving config -> child ob
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -26,6 +26,7 @@ from llama4_operator.renderers.children import (
     external_app_name,
     external_route_prefix,
     render_children,
+    replica_of_worker_group,
 )
 from llama4_operator.renderers.serving import (
     ENGINE_METRICS_PORT,
@@ -45,6 +46,8 @@ class Previous:
     placement: ClusterPlacement | None = None
     experts: ExpertPlacement | None = None
     worker_groups: tuple[Mapping[str, Any], ...] = ()  # of the live RayService
+    # Worker groups with a Ready pod that is not being deleted (the operator's pod index).
+    running_worker_groups: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,17 @@ def previous_placement(status: PlacementStatus | None) -> ClusterPlacement | Non
     )
 
 
+def serve_replicas(placement: ClusterPlacement, running_worker_groups: Iterable[str]) -> int:
+    """Serve's target: the placed replicas, and a retired one for as long as its worker pods
+    run and are not being deleted. Serve chooses which replica to stop by its own ranking, so
+    a target lowered before the retired worker drains may stop a replica the plan keeps, and
+    the one left then dies with the retired pod. Once KubeRay deletes that pod, its preStop
+    drain marks the Ray node draining, and Serve stops the replica there first."""
+    placed = {replica.index for replica in placement.replicas}
+    retired = {replica_of_worker_group(group) for group in running_worker_groups} - placed
+    return len(placed) + len(retired - {None})
+
+
 def desired_state(
     owner: Owner,
     spec: Llama4DeploymentSpec,
@@ -147,7 +161,7 @@ def desired_state(
         spec,
         owner.name,
         layout,
-        len(placement.replicas),
+        serve_replicas(placement, previous.running_worker_groups),
         experts.placement,
         accelerator_resource=settings.accelerator_resource,
         namespace=owner.namespace,
