@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
+import ray
 import yaml
 from ray.serve.llm import LLMConfig
 from vllm.config import EPLBConfig, StructuredOutputsConfig
@@ -123,6 +125,16 @@ def test_tiny_cpu_sample_runs_on_cpu_bundles() -> None:
     assert expert_balancer(_sample("tiny-vllm"), config.engine_args) == "none"
 
 
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """Ray Serve LLM reads the driver's runtime env while it builds the app, which starts Ray.
+    Left to itself Ray would join the cluster last named in /tmp/ray/ray_current_cluster
+    (perhaps dead, or another test's): this module gets a Ray of its own."""
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
 def _checkpoint(directory: Path, max_position_embeddings: int = 4096) -> Path:
     """The part of a checkpoint the build checks: its config.json."""
     (directory / "config.json").write_text(
@@ -131,6 +143,7 @@ def _checkpoint(directory: Path, max_position_embeddings: int = 4096) -> Path:
     return directory
 
 
+@pytest.mark.usefixtures("local_ray")
 def test_overrides_name_the_deployment_ray_serve_llm_builds(tmp_path: Path) -> None:
     _checkpoint(tmp_path)
     config = ServingConfig(
@@ -186,6 +199,7 @@ def test_replica_changes_leave_args_alone_but_batching_restarts_vllm(tmp_path: P
         ),
     ],
 )
+@pytest.mark.usefixtures("local_ray")
 def test_the_build_refuses_what_vllm_would_refuse_per_replica(
     tmp_path: Path, change: dict[str, Any], message: str
 ) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import kopf
@@ -50,7 +50,8 @@ class OperatorRuntime:
     rebalancer: Rebalancer
     # One reconciliation at a time, all objects included: each plans against the GPUs the
     # others placed (their status), so two plans made side by side would claim the same GPUs.
-    planning_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # The rebalancer takes it too, to re-plan (see for_reconciler).
+    planning_lock: asyncio.Lock
 
     @classmethod
     def for_reconciler(cls, reconciler: Reconciler, config: OperatorConfig) -> OperatorRuntime:
