@@ -3,6 +3,7 @@ app the operator deploys, with a tiny random checkpoint and tokenizer written fo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -10,8 +11,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # inherited by every raylet and worker started below
 
@@ -94,9 +93,10 @@ def wait_running(timeout_s: float = 180.0) -> None:
     raise AssertionError("the app did not reach RUNNING in time")
 
 
-@pytest.fixture(scope="session")
-def serving_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServingCluster]:
-    model_dir = tmp_path_factory.mktemp("tiny-llama4")
+@contextlib.contextmanager
+def running_serving_cluster(model_dir: Path) -> Iterator[ServingCluster]:
+    """Start the cluster, deploy the app with the tiny model written to `model_dir`, wait until
+    it runs; stop everything on exit."""
     arch = write_tiny_model(model_dir)
     key_file = model_dir / "api-key"
     key_file.write_text(API_KEY + "\n")
