@@ -201,18 +201,25 @@ def unreachable_head(request: httpx.Request) -> httpx.Response:
     raise httpx.ConnectError("no route to host", request=request)
 
 
-def test_a_lost_ray_worker_pod_degrades_the_deployment_until_kuberay_replaces_it() -> None:
-    # Serve (through KubeRay) still says RUNNING for a minute after a worker pod is killed;
-    # the operator's pod index shows the loss at once. The head does not answer: KubeRay's
-    # view and the pods decide.
+def _maverick_running(replicas: int) -> tuple[FakeKube, Reconciler]:
+    """Maverick reconciled once, its RayService RUNNING as KubeRay reports it, and a head that
+    does not answer (KubeRay's view and the pod index decide)."""
     kube = FakeKube(h100_hosts(2))
     reconciler = Reconciler(
         kube, CONFIG, clock=lambda: START, head_transport=httpx.MockTransport(unreachable_head)
     )
-    run(reconciler, body("maverick", replicas=2))
+    run(reconciler, body("maverick", replicas=replicas))
     kube.objects[("RayService", "llm", "maverick")]["status"] = {
         "activeServiceStatus": {"applicationStatuses": {"maverick": {"status": "RUNNING"}}}
     }
+    return kube, reconciler
+
+
+def test_a_lost_ray_worker_pod_degrades_the_deployment_until_kuberay_replaces_it() -> None:
+    # Serve (through KubeRay) still says RUNNING for a minute after a worker pod is killed;
+    # the operator's pod index shows the loss at once. The head does not answer: KubeRay's
+    # view and the pods decide.
+    kube, reconciler = _maverick_running(2)
     both = [RayWorkerPod("w-0", "r0-w0", ready=True), RayWorkerPod("w-1", "r1-w0", ready=True)]
     run(reconciler, body("maverick", status=kube.statuses[-1], replicas=2), both)
     found = conditions(kube.statuses[-1])
@@ -254,14 +261,7 @@ def _serve_target(kube: FakeKube) -> int:
 
 
 def test_a_scale_down_lowers_serves_target_once_the_retired_worker_pod_is_deleted() -> None:
-    kube = FakeKube(h100_hosts(2))
-    reconciler = Reconciler(
-        kube, CONFIG, clock=lambda: START, head_transport=httpx.MockTransport(unreachable_head)
-    )
-    run(reconciler, body("maverick", replicas=2))
-    kube.objects[("RayService", "llm", "maverick")]["status"] = {
-        "activeServiceStatus": {"applicationStatuses": {"maverick": {"status": "RUNNING"}}}
-    }
+    kube, reconciler = _maverick_running(2)
     kept = RayWorkerPod("w-0", "r0-w0", ready=True)
     retired = RayWorkerPod("w-1", "r1-w0", ready=True)
     run(reconciler, body("maverick", status=kube.statuses[-1], replicas=1), [kept, retired])
@@ -280,14 +280,7 @@ def test_a_scale_down_lowers_serves_target_once_the_retired_worker_pod_is_delete
 
 
 def test_the_worker_pod_of_a_replica_being_added_is_starting_not_lost() -> None:
-    kube = FakeKube(h100_hosts(2))
-    reconciler = Reconciler(
-        kube, CONFIG, clock=lambda: START, head_transport=httpx.MockTransport(unreachable_head)
-    )
-    run(reconciler, body("maverick"))
-    kube.objects[("RayService", "llm", "maverick")]["status"] = {
-        "activeServiceStatus": {"applicationStatuses": {"maverick": {"status": "RUNNING"}}}
-    }
+    kube, reconciler = _maverick_running(1)
     first = RayWorkerPod("w-0", "r0-w0", ready=True)
     run(reconciler, body("maverick", status=kube.statuses[-1]), [first])
     assert kube.statuses[-1]["readyReplicas"] == 1
