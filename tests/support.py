@@ -47,14 +47,18 @@ def llama4ctl(
     )
 
 
-def wait_for(condition: Callable[[], Any], timeout_s: float = 60, what: str = "") -> Any:
-    """Poll until `condition()` is truthy; fail naming `what` otherwise."""
+def wait_for(
+    condition: Callable[[], Any], timeout_s: float = 60, what: str = "", interval_s: float = 0.25
+) -> Any:
+    """Poll until `condition()` is truthy; fail naming `what` otherwise. A condition that runs
+    kubectl or llama4ctl costs CPU on every poll (`llama4ctl` alone about 3 s): waits for an
+    engine to build on the same two cores poll seconds apart, not four times a second."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         result = condition()
         if result:
             return result
-        time.sleep(0.25)
+        time.sleep(min(interval_s, max(0.0, deadline - time.monotonic())))
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 

@@ -156,7 +156,9 @@ def test_demo_serves_the_tiny_model_and_stops_cleanly(tmp_path: Path) -> None:
             return status if ready["Ready"] == "True" and status["readyReplicas"] == 2 else None
 
         with _steady_load(client, summary["model"]):
-            status = wait_for(scaled_up, 900, "the autoscaler to bring tiny to 2 ready replicas")
+            status = wait_for(
+                scaled_up, 900, "the autoscaler to bring tiny to 2 ready replicas", interval_s=10
+            )
         assert status["autoscaling"]["managesReplicas"] is True
         events = llama4ctl(
             "dev", "kubectl", "--name", name, "get", "events", "-n", NAMESPACE,

@@ -49,6 +49,9 @@ REQUEST_TIMEOUT_S = 60  # spec.serving.requestTimeoutSeconds: the Serve proxy's 
 # A tiny model's answer on a running engine takes well under a second, even on busy cores.
 READY_ANSWER_S = 20
 CLIENT_TIMEOUT_S = 150  # well past it: a client that waits this long saw a request hang
+# Two kubectl calls and a YAML parse per look: while an engine builds on the same two cores,
+# look every few seconds.
+SERVING_POLL_S = 5.0
 
 
 @dataclass
@@ -267,13 +270,13 @@ def test_scaling_one_two_one_through_the_ray_service_keeps_serving(deployed: Dep
     # (5 to 10 minutes here).
     with load(deployed.base_url, clients=2) as outcomes:
         _scale(deployed, 2)
-        wait_for(lambda: _serving(deployed, 2), 900, "two replicas serving")
+        wait_for(lambda: _serving(deployed, 2), 900, "two replicas serving", SERVING_POLL_S)
         scaled_up = time.monotonic() - outcomes.started
         groups = sorted(p["metadata"]["labels"]["ray.io/group"] for p in deployed.worker_pods())
         assert groups == ["r0-w0", "r1-w0"]
         print(f"with two replicas: {serve_placement(deployed)}")
         _scale(deployed, 1)
-        wait_for(lambda: _serving(deployed, 1), 300, "back to one replica serving")
+        wait_for(lambda: _serving(deployed, 1), 300, "back to one replica serving", SERVING_POLL_S)
         scaled_down = time.monotonic() - outcomes.started
         print(f"back to one replica: {serve_placement(deployed)}")
         settled = outcomes.counts["200"]
@@ -289,7 +292,7 @@ def test_scaling_one_two_one_through_the_ray_service_keeps_serving(deployed: Dep
 def test_a_worker_pod_killed_under_load_is_replaced_and_no_request_hangs(
     deployed: Deployed,
 ) -> None:
-    wait_for(lambda: _serving(deployed, 1), 300, "one replica serving")
+    wait_for(lambda: _serving(deployed, 1), 300, "one replica serving", SERVING_POLL_S)
     [worker] = deployed.worker_pods()
     with load(deployed.base_url) as outcomes:
         wait_for(lambda: outcomes.counts["200"] >= 3, 60, "answers before the fault")
@@ -305,7 +308,12 @@ def test_a_worker_pod_killed_under_load_is_replaced_and_no_request_hangs(
         lost = wait_for(degraded, 60, "Degraded for the lost worker")
         assert lost["reason"] == "RayWorkerLost", lost
         assert "r0-w0" in lost["message"]
-        wait_for(lambda: _serving(deployed, 1), 600, "Ready again on a replacement worker")
+        wait_for(
+            lambda: _serving(deployed, 1),
+            600,
+            "Ready again on a replacement worker",
+            SERVING_POLL_S,
+        )
         # Ready means the engine answers: KubeRay says the application is healthy a minute
         # before vLLM has rebuilt its engine on the new pod, which the operator must not trust.
         started = time.monotonic()
