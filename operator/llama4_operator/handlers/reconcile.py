@@ -73,7 +73,7 @@ def running_worker_groups(
     ray_service: Mapping[str, Any] | None, ray_workers: Sequence[RayWorkerPod]
 ) -> frozenset[str]:
     """The worker groups whose pods serve and are not being deleted, which hold Serve's target
-    up during a scale-down (see `serve_replicas`). None while KubeRay moves to a new cluster:
+    up during a scale-down (see `serve_replicas`). Empty while KubeRay moves to a new cluster:
     that cluster lacks the retired groups, and a target held for them would stall the move."""
     status = (ray_service or {}).get("status") or {}
     if (status.get("pendingServiceStatus") or {}).get("rayClusterName"):

@@ -106,8 +106,9 @@ def serve_replicas(placement: ClusterPlacement, running_worker_groups: Iterable[
     """Serve's target: the placed replicas, and a retired one for as long as its worker pods
     run and are not being deleted. Serve chooses which replica to stop by its own ranking, so
     a target lowered before the retired worker drains may stop a replica the plan keeps, and
-    the one left then dies with the retired pod. Once KubeRay deletes that pod, its preStop
-    drain marks the Ray node draining, and Serve stops the replica there first."""
+    the retired pod's replica must then be rebuilt on a kept worker before that pod can go.
+    Once KubeRay deletes the pod, its preStop drain marks the Ray node draining, and Serve
+    stops the replica there first."""
     placed = {replica.index for replica in placement.replicas}
     retired = {replica_of_worker_group(group) for group in running_worker_groups} - placed
     return len(placed) + len(retired - {None})
