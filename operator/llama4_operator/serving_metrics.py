@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llama4_operator.api.models import DEPLOYMENT_SERIES_LABEL
 from llama4_operator.planners.serving_snapshot import ReplicaCounters, ServingSnapshot
+from llama4_serving.config import QUEUE_PATH
 
 __all__ = [
     "DeploymentTarget",
@@ -90,6 +91,11 @@ class ServingMetricsSource(Protocol):
     async def snapshot(self, target: DeploymentTarget, *, routed: bool = True) -> ServingSnapshot:
         """Every live replica's counters now (`routed`: with the per-expert routed tokens, the
         largest part, which only the rebalance loop reads); raises MetricsUnavailable."""
+        ...
+
+    async def waiting_requests(self, target: DeploymentTarget) -> int:
+        """Generation requests the deployment's ingress holds unanswered (`GET /-/queue`), the
+        one demand a deployment scaled to zero shows; raises MetricsUnavailable."""
         ...
 
 
@@ -166,6 +172,9 @@ class PrometheusSource:
         if routed:
             queries[ROUTED_TOKENS] = grouped(ROUTED_TOKENS, "instance, layer, expert")
         return queries
+
+    async def waiting_requests(self, target: DeploymentTarget) -> int:
+        return await read_waiting_requests(target, self._transport)
 
     async def snapshot(self, target: DeploymentTarget, *, routed: bool = True) -> ServingSnapshot:
         builder = _Builder()
@@ -260,6 +269,22 @@ def targets_url(endpoint: str) -> str:
     return base + TARGETS_PATH
 
 
+async def read_waiting_requests(
+    target: DeploymentTarget, transport: httpx.AsyncBaseTransport | None = None
+) -> int:
+    """`waiting_requests` of both sources: the ingress answers it, whichever engine runs."""
+    if not target.endpoint:
+        raise MetricsUnavailable("the deployment has no endpoint yet (status.endpoint)")
+    url = target.endpoint.rstrip("/").removesuffix("/v1") + QUEUE_PATH
+    try:
+        async with httpx.AsyncClient(timeout=TIMEOUT_S, transport=transport, verify=_TLS) as http:
+            response = await http.get(url)
+            response.raise_for_status()
+            return int(response.json()["waiting_requests"])
+    except (httpx.HTTPError, ValueError, TypeError, KeyError) as error:
+        raise MetricsUnavailable(f"waiting requests at {url}: {error!r}") from error
+
+
 def parse_targets(body: Any) -> list[str]:
     """host:port of every target in a Prometheus HTTP service-discovery document."""
     if not isinstance(body, list):
@@ -291,6 +316,9 @@ class DirectSource:
 
     def __init__(self, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self._transport = transport
+
+    async def waiting_requests(self, target: DeploymentTarget) -> int:
+        return await read_waiting_requests(target, self._transport)
 
     async def snapshot(self, target: DeploymentTarget, *, routed: bool = True) -> ServingSnapshot:
         if target.engine == "vllm":

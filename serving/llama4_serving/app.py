@@ -41,14 +41,13 @@ from llama4_serving.openai_protocol import (
     new_id,
     now,
 )
+from llama4_serving.waiting import QUEUE_PATH, count_waiting_requests, waiting_requests_report
 
 logger = logging.getLogger(__name__)
 
 # A request body is JSON: its prompt is at most max_model_len tokens, as ids (up to 8 bytes each
 # with the comma) or text (a few bytes per token, more once escaped); the rest is small fields.
 REQUEST_BYTES_PER_TOKEN = 32
-# How long a request may wait for its first output (queueing plus prefill) before a 503.
-FIRST_OUTPUT_TIMEOUT_S = 90.0
 REQUEST_BYTES_OVERHEAD = 64 * 1024
 
 OpenAIRequestT = TypeVar("OpenAIRequestT", CompletionRequest, ChatCompletionRequest)
@@ -157,17 +156,17 @@ def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-async def _first_event(events: EngineEvents) -> EngineEvent | JSONResponse:
+async def _first_event(events: EngineEvents, timeout_s: float) -> EngineEvent | JSONResponse:
     """The engine's first event, or the 503 to answer with when there is none."""
     try:
-        first: EngineEvent = await asyncio.wait_for(anext(events), FIRST_OUTPUT_TIMEOUT_S)
+        first: EngineEvent = await asyncio.wait_for(anext(events), timeout_s)
     except TimeoutError:
-        # Serve queues a call while no engine replica is up (one crashed and its replacement
-        # is still loading): a bounded wait, then an answer, never a hang.
+        # Serve queues a call while no engine replica is up (scaled to zero, or one crashed
+        # and its replacement is still loading): a bounded wait, then an answer, never a hang.
         events.cancel()
         message = (
-            f"no engine replica answered within {FIRST_OUTPUT_TIMEOUT_S:.0f} s (replicas are "
-            "starting or overloaded); retry later"
+            f"no engine replica answered within {timeout_s:.0f} s (replicas are starting or "
+            "overloaded); retry later"
         )
         return JSONResponse(_engine_error(message), status_code=503)
     except Exception as error:  # the engine replica is gone or failing: say so, no 500
@@ -186,10 +185,13 @@ async def _outputs(first: RequestOutput, rest: EngineEvents) -> AsyncIterator[Re
 
 
 async def _answer(
-    shape: AnswerShape, body: CompletionRequest | ChatCompletionRequest, events: EngineEvents
+    shape: AnswerShape,
+    body: CompletionRequest | ChatCompletionRequest,
+    events: EngineEvents,
+    first_output_timeout_s: float,
 ) -> Response:
     """The HTTP answer to a generation request, from the engine's events for it."""
-    first = await _first_event(events)
+    first = await _first_event(events, first_output_timeout_s)
     if isinstance(first, JSONResponse):
         return first
     if isinstance(first, Refusal):
@@ -270,6 +272,7 @@ async def _answer_chunks(
 # -- the ingress deployment -----------------------------------------------------------------
 
 api = FastAPI(title="llama4-serving", description="OpenAI-compatible API of a Llama 4 model")
+api.middleware("http")(count_waiting_requests)
 
 
 @serve.deployment(name="OpenAIIngress", max_ongoing_requests=512)
@@ -337,6 +340,11 @@ class OpenAIIngress:
         )
         return JSONResponse(groups)
 
+    @api.get(QUEUE_PATH)
+    async def queue(self, request: Request) -> Response:
+        """Generation requests held here whose answer has not started (see `waiting.py`)."""
+        return waiting_requests_report(request)
+
     @api.get("/v1/models")
     async def models(self, request: Request) -> Response:
         if denied := self._unauthorised(request):
@@ -361,7 +369,7 @@ class OpenAIIngress:
         if isinstance(body, Response):
             return body
         events = cast(EngineEvents, self.engine.completions.remote(body))
-        return await _answer(COMPLETION_ANSWER, body, events)
+        return await _answer(COMPLETION_ANSWER, body, events, self.config.first_output_timeout_s)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
@@ -369,7 +377,7 @@ class OpenAIIngress:
         if isinstance(body, Response):
             return body
         events = cast(EngineEvents, self.engine.chat.remote(body))
-        return await _answer(CHAT_ANSWER, body, events)
+        return await _answer(CHAT_ANSWER, body, events, self.config.first_output_timeout_s)
 
 
 # -- the application ------------------------------------------------------------------------

@@ -7,6 +7,7 @@ Fields may be added (with defaults); renaming or removing one breaks deployed re
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -119,6 +120,15 @@ class BatchingLimits(_Strict):
     max_model_len: int = Field(default=2048, gt=0, description="Prompt plus output tokens.")
 
 
+# The ingresses' count of generation requests waiting for their answer (`waiting.py`): how the
+# operator's autoscaler sees demand while a deployment is scaled to zero.
+QUEUE_PATH = "/-/queue"
+
+# Seconds a request may wait for its first output (queueing plus prefill) before a 503, where
+# replicas are not expected to be starting.
+FIRST_OUTPUT_TIMEOUT_S = 90.0
+
+
 class ServingConfig(_Strict):
     """Everything one Ray Serve application of a Llama4Deployment needs."""
 
@@ -133,6 +143,13 @@ class ServingConfig(_Strict):
         "`eplb_config` as objects), plus the project's own keys (see PROJECT_ENGINE_ARGS).",
     )
     num_replicas: int = Field(default=1, ge=0)
+    first_output_timeout_s: float = Field(
+        default=FIRST_OUTPUT_TIMEOUT_S,
+        gt=0,
+        description="Seconds a request waits for its first output (queued while no engine "
+        "replica is up, then prefill) before the reference engine's ingress answers 503; "
+        "longer than a cold start where the deployment scales to zero.",
+    )
     placement: ExpertPlacement | None = None
     batching: BatchingLimits = BatchingLimits()
     api_key_file: str | None = Field(
@@ -248,14 +265,51 @@ def application_args(config: ServingConfig) -> dict[str, Any]:
     return config.model_copy(update=fixed).model_dump(mode="json")
 
 
+# A deployment scaled to zero keeps a replica Serve woke for a request this long after its last
+# one: time for the operator's autoscaler (which ticks every 30 s by default) to take it over.
+WOKEN_REPLICA_HOLD_S = 60.0
+
+
+def replica_count_options(num_replicas: int) -> dict[str, Any]:
+    """How the engine deployment's replica count is given to Serve: always as Serve autoscaling.
+    Serve refuses `num_replicas: 0`, and Ray 2.60 counts whether each deployment has an
+    `autoscaling_config` in the application's code version, so switching between the two forms
+    would rebuild the application and replace every replica, the ingress with the requests it
+    holds included. So: pinned (min = max = N) while replicas run; at zero, 0 to 1 starting at
+    0, so that requests wait in Serve's router rather than fail, and their queue makes Serve
+    start one replica wherever the Ray cluster has room for it (on KubeRay, once the operator
+    has added its GPU worker group); the operator's autoscaler takes the count over from there.
+    """
+    if num_replicas > 0:
+        pinned = {"min_replicas": num_replicas, "max_replicas": num_replicas}
+        return {"autoscaling_config": {**pinned, "initial_replicas": num_replicas}}
+    return {
+        "autoscaling_config": {
+            "min_replicas": 0,
+            "initial_replicas": 0,
+            "max_replicas": 1,
+            "upscale_delay_s": 0.0,
+            "downscale_delay_s": WOKEN_REPLICA_HOLD_S,
+            "downscale_to_zero_delay_s": WOKEN_REPLICA_HOLD_S,
+        }
+    }
+
+
+def rendered_replicas(options: Mapping[str, Any]) -> int:
+    """The replica count that `replica_count_options` (or a deployment override holding them)
+    gives Serve: 0 for a deployment at zero."""
+    return int(options["autoscaling_config"]["min_replicas"])
+
+
 def llm_server_overrides(config: ServingConfig) -> dict[str, Any]:
     """The deployment-level options of the engine deployment in a Serve config
     (`applications[].deployments`): the options Serve changes without replacing replicas
-    (`num_replicas`, `max_ongoing_requests`; for the reference engine also `user_config`,
-    which its `reconfigure` applies between engine steps)."""
+    (the replica count as `autoscaling_config`, see `replica_count_options`;
+    `max_ongoing_requests`; for the reference engine also `user_config`, which its `reconfigure`
+    applies between engine steps)."""
     overrides: dict[str, Any] = {
         "name": engine_deployment_name(config),
-        "num_replicas": config.num_replicas,
+        **replica_count_options(config.num_replicas),
         "max_ongoing_requests": max_ongoing_requests(config.batching),
     }
     if config.engine == "reference":

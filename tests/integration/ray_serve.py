@@ -55,16 +55,16 @@ class RayServe:
         app: dict[str, Any] = (response.json().get("applications") or {}).get(name) or {}
         return app
 
-    def engine_replica_ids(self, app_name: str) -> list[str]:
-        """Ids of the RUNNING replicas of the application's engine deployment (`LLMServer`, or
-        `LLMServer:<model>` for vLLM)."""
+    def engine_replica_ids(self, app_name: str, state: str | None = "RUNNING") -> list[str]:
+        """Ids of the replicas of the application's engine deployment (`LLMServer`, or
+        `LLMServer:<model>` for vLLM) in `state` (None: in any state, stopping ones too)."""
         deployments = self.application(app_name).get("deployments") or {}
         return sorted(
             str(replica["replica_id"])
             for name, deployment in deployments.items()
             if is_engine_deployment(name)
             for replica in deployment.get("replicas") or []
-            if replica.get("state") == "RUNNING"
+            if state is None or replica.get("state") == state
         )
 
 

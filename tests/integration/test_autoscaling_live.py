@@ -7,6 +7,10 @@ A load generator raises token throughput until the operator scales the deploymen
 replicas (spec.replicas, then 2 LLMServer replicas in Serve); when the load stops it goes back
 to 1. Status, events and the llama4_autoscaler_* metrics (queried from Prometheus) must show
 both decisions.
+
+With minReplicas 0 an idle deployment goes to zero (no LLMServer replica in Serve), and a
+request sent then is held by the ingress and answered once the replica the operator starts for
+it serves.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -29,6 +34,7 @@ from llama4_operator.devenv.cluster import LocalCluster
 from llama4_operator.monitoring import dashboards, rules
 from llama4_operator.monitoring.selectors import Selectors
 from llama4_operator.renderers.children import Owner, external_app_name, external_route_prefix
+from llama4_serving.config import is_engine_deployment
 from llama4_serving.tiny import write_tokenizer
 from support import REPO, Kubectl, OperatorProcess, wait_for
 
@@ -55,7 +61,7 @@ def llm_replicas(ray: RayServe) -> int:
     return len(ray.engine_replica_ids(APP))
 
 
-def deployment(tokenizer: Path) -> dict[str, Any]:
+def deployment(tokenizer: Path, **autoscaling: Any) -> dict[str, Any]:
     document: dict[str, Any] = yaml.safe_load(
         (REPO / "manifests" / "samples" / "tiny-reference.yaml").read_text()
     )
@@ -73,6 +79,7 @@ def deployment(tokenizer: Path) -> dict[str, Any]:
         "targetTokensPerSecond": 10,
         "scaleDownDelaySeconds": 20,
         "coldStartSeconds": 10,
+        **autoscaling,
     }
     return document
 
@@ -167,6 +174,22 @@ def series(api: PrometheusApi, expr: str) -> dict[str, float]:
     return {r["metric"].get("reason", ""): float(r["value"][1]) for r in api.query(expr)}
 
 
+def external_ray_operator(
+    local_cluster: LocalCluster, ray_serve: RayServe, tmp_path: Path
+) -> OperatorProcess:
+    """An operator (not started) deploying to the test's Ray cluster, deciding every 2 s."""
+    return OperatorProcess(
+        local_cluster.kubeconfig,
+        tmp_path,
+        extra_args=(
+            f"--external-ray-dashboard={ray_serve.dashboard}",
+            f"--external-ray-serve-port={urlsplit(ray_serve.serve_url).port}",
+            "--ray-accelerator-resource=fake_gpu",
+            "--autoscale-interval=2",
+        ),
+    )
+
+
 def test_token_load_scales_up_then_back_down(
     local_cluster: LocalCluster,
     kubectl: Kubectl,
@@ -178,15 +201,7 @@ def test_token_load_scales_up_then_back_down(
     write_tokenizer(tokenizer, 512)
     # The session's operator (RayService mode) would act on this resource too: pause it.
     operator.stop()
-    autoscaling_operator = OperatorProcess(
-        local_cluster.kubeconfig,
-        tmp_path,
-        extra_args=(
-            f"--external-ray-dashboard={ray_serve.dashboard}",
-            "--ray-accelerator-resource=fake_gpu",
-            "--autoscale-interval=2",
-        ),
-    )
+    autoscaling_operator = external_ray_operator(local_cluster, ray_serve, tmp_path)
     targets_url = f"{ray_serve.serve_url}{PREFIX}/-/metrics/targets"
     with prometheus(
         tmp_path,
@@ -285,3 +300,96 @@ def test_token_load_scales_up_then_back_down(
             autoscaling_operator.stop()
             print(autoscaling_operator.log()[-4000:])
             operator.start()
+
+
+def condition(kubectl: Kubectl, type_: str) -> dict[str, Any]:
+    status = yaml.safe_load(kubectl.run("get", "l4d", NAME, "-n", NAMESPACE, "-o=yaml"))["status"]
+    found: dict[str, Any] = next(
+        (c for c in status.get("conditions") or [] if c["type"] == type_), {}
+    )
+    return found
+
+
+def asleep_in_serve(ray: RayServe) -> bool:
+    """The application RUNNING with its engine deployment at no replica, in any state (a
+    stopping replica still answers what it is sent; while the application deploys, the details
+    list no deployment)."""
+    app = ray.application(APP)
+    deployments = app.get("deployments") or {}
+    return (
+        app.get("status") == "RUNNING"
+        and any(is_engine_deployment(name) for name in deployments)
+        and not ray.engine_replica_ids(APP, state=None)
+    )
+
+
+def test_an_idle_deployment_sleeps_at_zero_and_a_request_wakes_it(
+    local_cluster: LocalCluster,
+    kubectl: Kubectl,
+    operator: OperatorProcess,
+    ray_serve: RayServe,
+    tmp_path: Path,
+) -> None:
+    tokenizer = tmp_path / "tokenizer"
+    write_tokenizer(tokenizer, 512)
+    operator.stop()
+    autoscaling_operator = external_ray_operator(local_cluster, ray_serve, tmp_path)
+    autoscaling_operator.start()
+    try:
+        kubectl.run("create", "namespace", NAMESPACE, check=False)
+        sleepy = deployment(tokenizer, minReplicas=0, maxReplicas=1, coldStartSeconds=30)
+        kubectl.run("apply", "-f", "-", input=yaml.safe_dump(sleepy))
+        wait_for(lambda: llm_replicas(ray_serve) == 1, 300, "1 LLMServer replica RUNNING")
+        wait_for(lambda: replicas(kubectl) == 0, 180, "spec.replicas to go 1 -> 0 when idle", 2.0)
+        wait_for(lambda: asleep_in_serve(ray_serve), 240, "Serve to run no LLMServer replica", 1.0)
+        ready = wait_for(
+            lambda: (c := condition(kubectl, "Ready")).get("reason") == "ScaledToZero" and c,
+            60,
+            "Ready=True ScaledToZero",
+            2.0,
+        )
+        assert ready["status"] == "True"
+
+        queue_url = f"{ray_serve.serve_url}{PREFIX}/-/queue"
+        assert httpx.get(queue_url, timeout=10).json() == {"waiting_requests": 0}
+        answers: list[tuple[httpx.Response, float]] = []
+
+        def ask() -> None:
+            started = time.monotonic()
+            response = httpx.post(
+                f"{ray_serve.serve_url}{PREFIX}/v1/completions",
+                json={"model": MODEL, "prompt": "Wake up and route the tokens", "max_tokens": 8},
+                timeout=300,
+            )
+            answers.append((response, time.monotonic() - started))
+
+        caller = threading.Thread(target=ask)
+        caller.start()
+        # Held by the ingress, which counts it, while no replica runs.
+        wait_for(
+            lambda: httpx.get(queue_url, timeout=10).json()["waiting_requests"] == 1,
+            30,
+            "the ingress to count the waiting request",
+        )
+        caller.join(timeout=300)
+        ((response, answered_s),) = answers
+        print(f"scale from zero: the first answer came {answered_s:.1f} s after the request")
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["completion_tokens"] > 0
+        assert httpx.get(queue_url, timeout=10).json() == {"waiting_requests": 0}
+        wait_for(lambda: replicas(kubectl) == 1, 30, "spec.replicas to go 0 -> 1", 2.0)
+        woke = [e["message"] for e in events(kubectl) if e["reason"] == "ScaledUp"]
+        assert any("0 -> 1 replicas (scale_from_zero)" in m for m in woke), woke
+        assert wait_for(
+            lambda: condition(kubectl, "Ready").get("reason") == "ServeApplicationRunning",
+            60,
+            "Ready as a running application again",
+            2.0,
+        )
+    finally:
+        print(kubectl.run("get", "l4d", NAME, "-n", NAMESPACE, "-o=yaml", check=False))
+        print(json.dumps(ray_serve.application(APP), indent=1)[-3000:])
+        kubectl.run("delete", "l4d", NAME, "-n", NAMESPACE, "--wait=true", check=False)
+        autoscaling_operator.stop()
+        print(autoscaling_operator.log()[-4000:])
+        operator.start()

@@ -21,6 +21,7 @@ from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
 from llama4_operator.devenv.cluster import LocalCluster
+from llama4_serving.config import rendered_replicas
 from support import (
     DEPLOYMENT_LABEL,
     REPO,
@@ -197,7 +198,7 @@ def serve_replicas(ray_service: Json) -> int:
     config = yaml.safe_load(ray_service["spec"]["serveConfigV2"])
     (application,) = config["applications"]
     (server,) = application["deployments"]  # LLMServer's override: replicas change in place
-    replicas: int = server["num_replicas"]
+    replicas = rendered_replicas(server)
     return replicas
 
 

@@ -1,8 +1,10 @@
-"""The one in-memory fake of the kube access layer (`llama4_operator.kube.KubeApi`) that the unit
-tests hand to the reconciler, the autoscaler and the rebalance loop. It keeps objects keyed by
-(kind, namespace, name) with server-side-apply semantics, and records every write the code under
-test makes, so tests assert on what was applied, patched, scaled and posted. `typed` turns a test's
-Llama4Deployment document into the typed object the handlers take."""
+"""The unit tests' shared fakes. `FakeKube`: the one in-memory fake of the kube access layer
+(`llama4_operator.kube.KubeApi`) that the unit tests hand to the reconciler, the autoscaler and
+the rebalance loop. It keeps objects keyed by (kind, namespace, name) with server-side-apply
+semantics, and records every write the code under test makes, so tests assert on what was
+applied, patched, scaled and posted. `typed` turns a test's Llama4Deployment document into the
+typed object the handlers take. `FakeServingSource`: the serving metrics the autoscaler and the
+rebalance loop read."""
 
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ from llama4_operator.api.models import KIND
 from llama4_operator.handlers.resource import Llama4Deployment
 from llama4_operator.kube import CHILD_KINDS, Object, owned_by
 from llama4_operator.planners.cluster_placement import GpuNode
+from llama4_operator.planners.serving_snapshot import ServingSnapshot
 from llama4_operator.renderers.children import DEPLOYMENT_LABEL, Owner
+from llama4_operator.serving_metrics import DeploymentTarget
 
 if TYPE_CHECKING:
     from llama4_operator.kube import KubeApi
@@ -160,3 +164,38 @@ def typed(body: Mapping[str, Any]) -> Llama4Deployment:
 if TYPE_CHECKING:
     # The fake implements the whole Protocol: a change to KubeApi breaks type-checking here.
     _conforms: KubeApi = FakeKube()
+
+
+class FakeServingSource:
+    """The one fake of `llama4_operator.serving_metrics.ServingMetricsSource`: hands out the
+    snapshots it was given (an exception in the script is raised instead), one per call, and
+    records what was asked."""
+
+    description = "fake"
+
+    def __init__(self) -> None:
+        self.script: list[ServingSnapshot | Exception] = []
+        self.targets: list[DeploymentTarget] = []
+        self.routed: set[bool] = set()
+        self.waiting: list[int | Exception] = []
+        """Answers of the ingress' queue, one per call (none left: nothing waits)."""
+        self.queue_reads = 0
+
+    @property
+    def reads(self) -> int:
+        return len(self.targets)
+
+    async def snapshot(self, target: DeploymentTarget, *, routed: bool = True) -> ServingSnapshot:
+        self.targets.append(target)
+        self.routed.add(routed)
+        item = self.script.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    async def waiting_requests(self, target: DeploymentTarget) -> int:
+        self.queue_reads += 1
+        item = self.waiting.pop(0) if self.waiting else 0
+        if isinstance(item, Exception):
+            raise item
+        return item

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fake_kube import FakeKube, typed
+from fake_kube import FakeKube, FakeServingSource, typed
 from llama4_operator import metrics
 from llama4_operator.api.models import AutoscalingSpec
 from llama4_operator.handlers.autoscale import OFF_MESSAGE, Autoscaler
@@ -89,7 +89,7 @@ def test_policy_settings_follow_the_spec() -> None:
     config = policy_config(spec, interval_s=2)
     assert config.capacity_tokens_per_s == 40
     assert not config.calibrate
-    assert config.min_replicas == 1  # never to zero: nothing would measure demand coming back
+    assert config.min_replicas == 0  # the ingress' queue shows demand at zero
     assert config.max_replicas == 3
     assert config.scale_down_window_s == config.scale_down_cooldown_s == 20
     assert config.cold_start_s == 10
@@ -115,6 +115,9 @@ def test_operator_settings_name_the_variable_and_the_fix() -> None:
         OperatorConfig.from_env({"LLAMA4_PROMETHEUS_URL": "prom:9090"})
     with pytest.raises(ConfigError, match="LLAMA4_AUTOSCALE_INTERVAL_SECONDS must be at least"):
         OperatorConfig.from_env({"LLAMA4_AUTOSCALE_INTERVAL_SECONDS": "0.5"})
+    assert OperatorConfig.from_env({}).external_ray_serve_port == 8000
+    with pytest.raises(ConfigError, match="LLAMA4_EXTERNAL_RAY_SERVE_PORT must be a TCP port"):
+        OperatorConfig.from_env({"LLAMA4_EXTERNAL_RAY_SERVE_PORT": "http"})
 
 
 # -- sources ----------------------------------------------------------------------------------
@@ -355,25 +358,6 @@ def test_prometheus_source_errors_say_what_failed() -> None:
 # -- the autoscaler ---------------------------------------------------------------------------
 
 
-class FakeSource:
-    """Serves scripted snapshots (or errors) one per call."""
-
-    description = "fake"
-
-    def __init__(self) -> None:
-        self.script: list[ServingSnapshot | MetricsUnavailable] = []
-        self.reads = 0
-        self.routed: set[bool] = set()
-
-    async def snapshot(self, target: DeploymentTarget, *, routed: bool = True) -> ServingSnapshot:
-        self.reads += 1
-        self.routed.add(routed)
-        item = self.script.pop(0)
-        if isinstance(item, MetricsUnavailable):
-            raise item
-        return item
-
-
 class Clock:
     def __init__(self) -> None:
         self.now = 1000.0
@@ -405,8 +389,8 @@ def deployment(
     }
 
 
-def make(interval_s: float = 2.0) -> tuple[Autoscaler, FakeSource, FakeKube, Clock]:
-    source, kube, clock = FakeSource(), FakeKube(), Clock()
+def make(interval_s: float = 2.0) -> tuple[Autoscaler, FakeServingSource, FakeKube, Clock]:
+    source, kube, clock = FakeServingSource(), FakeKube(), Clock()
     metrics.forget_autoscaler(NS, NAME)
     return Autoscaler(kube, source, interval_s, clock), source, kube, clock
 
@@ -523,18 +507,87 @@ def test_missing_metrics_hold_with_the_reason_and_warn_once() -> None:
     assert [e[:2] for e in kube.events] == [("Warning", "AutoscalerMetricsUnavailable")]
 
 
-def test_idle_deployment_never_scales_to_zero() -> None:
+def test_with_min_replicas_0_an_idle_deployment_goes_to_zero_and_stays_there_quietly() -> None:
     autoscaler, source, kube, clock = make()
-    source.script = [snap(clock.now + 2 * i, a_1=(0, 0, 0), b_1=(0, 0, 0)) for i in range(30)]
+    source.script = [snap(clock.now + 2 * i, a_1=(0, 0, 0), b_1=(0, 0, 0)) for i in range(20)]
     replicas = 2
-    for _ in range(30):
+    for _ in range(20):
         tick(autoscaler, deployment(replicas, minReplicas=0))
         replicas = kube.scales[-1] if kube.scales else replicas
         clock.now += 2
-    # Idle past the scale-down delay: one replica given back, never the last one.
-    assert kube.scales == [1]
-    assert all(s["autoscaling"]["desiredReplicas"] >= 1 for s in kube.statuses)
+    # Idle past the scale-down delay: every replica given back, and replicas that Serve keeps
+    # a little longer, idle, do not bring the deployment back.
+    assert kube.scales == [0]
     assert ("Normal", "ScaledDown") in [e[:2] for e in kube.events]
+    # At zero no replica lists metrics and nothing waits: it stays, with no warning.
+    source.script = [MetricsUnavailable("replica discovery lists no replicas")] * 3
+    events, queue_reads = len(kube.events), source.queue_reads
+    for _ in range(3):
+        tick(autoscaler, deployment(0, minReplicas=0))
+        clock.now += 2
+    assert kube.scales == [0]
+    assert source.queue_reads == queue_reads + 3
+    report = kube.statuses[-1]["autoscaling"]
+    assert (report["desiredReplicas"], report["reason"]) == (0, "hold_stable")
+    assert "scaled to zero" in report["message"]
+    assert all(e[0] == "Normal" for e in kube.events[events:])
+
+
+def test_requests_waiting_at_zero_start_a_replica() -> None:
+    autoscaler, source, kube, clock = make()
+    source.waiting = [0, 3]
+    source.script = [MetricsUnavailable("replica discovery lists no replicas")]
+    tick(autoscaler, deployment(0, minReplicas=0))
+    clock.now += 2
+    tick(autoscaler, deployment(0, minReplicas=0))
+    assert kube.scales == [1]
+    assert source.reads == 1  # with requests waiting, no replica is there to read
+    report = kube.statuses[-1]["autoscaling"]
+    assert (report["desiredReplicas"], report["reason"]) == (1, "scale_from_zero")
+    assert "3 request(s) wait at the ingress" in report["message"]
+    assert report["lastScaleTime"] == report["lastDecisionTime"]
+    assert kube.events[-1][:2] == ("Normal", "ScaledUp")
+    assert "0 -> 1 replicas (scale_from_zero)" in kube.events[-1][2]
+    assert (
+        exported(
+            "llama4_autoscaler_decisions_total", namespace=NS, name=NAME, reason="scale_from_zero"
+        )
+        == 1
+    )
+    # Woken, the deployment is not put back to sleep before the scale-down delay has passed.
+    source.script = [snap(clock.now + 2 * i, a_1=(0, 0, 0)) for i in range(1, 6)]
+    for _ in range(5):
+        clock.now += 2
+        tick(autoscaler, deployment(1, minReplicas=0))
+    assert kube.scales == [1]
+
+
+def test_an_unreadable_queue_at_zero_says_why_and_holds() -> None:
+    autoscaler, source, kube, _ = make()
+    source.waiting = [MetricsUnavailable("waiting requests at http://ray:8000/-/queue: refused")]
+    source.script = [MetricsUnavailable("replica discovery lists no replicas")]
+    tick(autoscaler, deployment(0, minReplicas=0))
+    assert kube.scales == []
+    assert "refused" in kube.statuses[-1]["autoscaling"]["message"]
+
+
+def test_the_queue_is_read_from_the_ingress_of_the_endpoint() -> None:
+    seen: list[str] = []
+
+    def ingress(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        return httpx.Response(200, json={"waiting_requests": 2})
+
+    assert asyncio.run(DirectSource(httpx.MockTransport(ingress)).waiting_requests(TARGET)) == 2
+    prometheus = PrometheusSource("http://prom:9090", httpx.MockTransport(ingress))
+    assert asyncio.run(prometheus.waiting_requests(TARGET)) == 2
+    assert seen == ["http://ray:8000/llm-chat/-/queue"] * 2
+
+    def broken(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(404, text="no route")
+
+    with pytest.raises(MetricsUnavailable, match=r"waiting requests at .*/-/queue.*404"):
+        asyncio.run(DirectSource(httpx.MockTransport(broken)).waiting_requests(TARGET))
 
 
 def test_replicas_outside_the_bounds_are_clamped_even_without_metrics() -> None:

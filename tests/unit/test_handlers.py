@@ -34,6 +34,7 @@ from llama4_operator.handlers.status import RayWorkerPod
 from llama4_operator.planners.cluster_placement import GpuNode
 from llama4_operator.ray_dashboard import RayAuthenticationError, RayDashboard
 from llama4_operator.renderers.children import RayPodSettings
+from llama4_serving.config import rendered_replicas
 
 ROOT = Path(__file__).resolve().parents[2]
 LOG = logging.getLogger("test")
@@ -257,7 +258,7 @@ def test_a_lost_ray_worker_pod_degrades_the_deployment_until_kuberay_replaces_it
 def _serve_target(kube: FakeKube) -> int:
     ray_service = kube.objects[("RayService", "llm", "maverick")]
     (app,) = yaml.safe_load(ray_service["spec"]["serveConfigV2"])["applications"]
-    return int(app["deployments"][0]["num_replicas"])
+    return rendered_replicas(app["deployments"][0])
 
 
 def test_a_scale_down_lowers_serves_target_once_the_retired_worker_pod_is_deleted() -> None:
@@ -716,6 +717,38 @@ def test_external_ray_mode_puts_the_app_and_keeps_the_others() -> None:
     assert found["Ready"]["status"] == "False"
     assert "DEPLOYING: starting replicas" in found["Ready"]["message"]
     assert kube.statuses[-1]["endpoint"] == "http://10.0.0.5:8000/llm/tiny/v1"
+
+
+def test_scaled_to_zero_in_external_mode_the_app_stays_and_status_says_a_request_wakes_it() -> None:
+    requests: list[httpx.Request] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        if request.method == "GET":
+            return httpx.Response(200, json={"applications": {}})
+        return httpx.Response(200, json={})
+
+    dashboard = RayDashboard("http://10.0.0.5:8265", transport=httpx.MockTransport(handle))
+    config = OperatorConfig(
+        image="img", ray_version="2.60.0", external_ray_dashboard="http://10.0.0.5:8265"
+    )
+    kube = FakeKube(h100_hosts(1))
+    sleepy = {"enabled": True, "minReplicas": 0}
+    reconciler = Reconciler(kube, config, dashboard, clock=lambda: START)
+    run(reconciler, body("tiny-reference", replicas=0, autoscaling=sleepy))
+    (put,) = [r for r in requests if r.method == "PUT"]
+    (app,) = json.loads(put.content)["applications"]
+    (engine,) = (d for d in app["deployments"] if d["name"] == "LLMServer")
+    assert engine["autoscaling_config"]["initial_replicas"] == 0
+    found = conditions(kube.statuses[-1])
+    assert (found["Ready"]["status"], found["Ready"]["reason"]) == ("True", "ScaledToZero")
+    assert "the next request starts a replica" in found["Ready"]["message"]
+    assert kube.statuses[-1]["endpoint"] == "http://10.0.0.5:8000/llm/tiny/v1"
+    # At zero without an autoscaler to wake it, the application is removed.
+    requests.clear()
+    run(reconciler, body("tiny-reference", replicas=0))
+    assert not [r for r in requests if r.method == "PUT" and "llm-tiny" in r.content.decode()]
+    assert conditions(kube.statuses[-1])["Ready"]["reason"] == "NoReplicas"
 
 
 def test_external_ray_mode_puts_nothing_when_the_app_is_already_declared() -> None:

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from kopf._core.intents.handlers import TimerHandler  # no public name for the type
 
-from fake_kube import FakeKube, typed
+from fake_kube import FakeKube, FakeServingSource, typed
 from llama4_operator import metrics
 from llama4_operator.handlers.config import ENV_REBALANCE_TICK, ConfigError, OperatorConfig
 from llama4_operator.handlers.rebalance import WINDOW_OPENED, Rebalancer
@@ -26,7 +26,6 @@ from llama4_operator.handlers.reconcile import Reconciler
 from llama4_operator.planners.cluster_placement import GpuNode
 from llama4_operator.planners.expert_placement import RebalanceDecision
 from llama4_operator.serving_metrics import (
-    DeploymentTarget,
     MetricsUnavailable,
     ReplicaCounters,
     ServingSnapshot,
@@ -40,23 +39,6 @@ NOW = datetime(2026, 1, 1, tzinfo=UTC)
 MAVERICK_MOE_LAYERS = list(range(1, 48, 2))  # every second of 48 layers
 EXPERTS = 128
 INSTANCE = "10.0.0.7:8090"
-
-
-class FakeSource:
-    """Hands out the readings it was given, in order; an exception is raised instead."""
-
-    description = "fake"
-
-    def __init__(self) -> None:
-        self.readings: list[ServingSnapshot | Exception] = []
-        self.targets: list[DeploymentTarget] = []
-
-    async def snapshot(self, target: DeploymentTarget, *, routed: bool = True) -> ServingSnapshot:
-        self.targets.append(target)
-        item = self.readings.pop(0)
-        if isinstance(item, Exception):
-            raise item
-        return item
 
 
 class Clock:
@@ -101,7 +83,7 @@ class Loop:
             [GpuNode("gpu-0", "NVIDIA-H100-80GB-HBM3", 81559, 8)], deployment=self.body
         )
         self.reconciler = Reconciler(self.kube, CONFIG, clock=lambda: NOW)
-        self.source = FakeSource()
+        self.source = FakeServingSource()
         self.clock = Clock()
         self.rebalancer = Rebalancer(
             self.kube, self.reconciler, self.source, asyncio.Lock(), self.clock, lambda: NOW
@@ -115,7 +97,7 @@ class Loop:
     def tick(self, reading: ServingSnapshot | Exception | None = None) -> RebalanceDecision | None:
         """One timer tick one interval after the last; `reading` is what the source returns."""
         if reading is not None:
-            self.source.readings.append(reading)
+            self.source.script.append(reading)
         decision = asyncio.run(self.rebalancer.check(typed(self.body), LOG))
         assert self.kube.scales == [], "the rebalance loop never scales"
         self.clock.seconds += self.interval
@@ -268,7 +250,7 @@ def test_a_rebalance_reconciles_from_the_status_as_it_is_now() -> None:
         if condition["type"] == "Degraded":
             condition.update(status="True", reason="RayWorkerLost", message="replica 0: lost")
     stale["status"]["placement"]["rebalances"] = 5
-    loop.source.readings.append(counters(window))
+    loop.source.script.append(counters(window))
     decision = asyncio.run(loop.rebalancer.check(typed(stale), LOG))
     assert decision is not None
     assert decision.rebalance

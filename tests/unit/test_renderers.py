@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes.utils import parse_quantity as kubernetes_parse_quantity
-from ray.serve.schema import ServeDeploySchema
+from ray.serve._private.deploy_utils import get_app_code_version
+from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
 from llama4_operator.api.models import Llama4DeploymentSpec
 from llama4_operator.planners.cluster_placement import GpuNode
@@ -26,7 +27,7 @@ from llama4_operator.renderers.children import (
 from llama4_operator.renderers.deployment import Previous, desired_state
 from llama4_operator.renderers.quantities import format_quantity, parse_quantity
 from llama4_operator.renderers.serving import ENGINE_METRICS_PORT, IMPORT_PATH, parse_extra_args
-from llama4_serving.config import ExpertPlacement, ServingConfig
+from llama4_serving.config import ExpertPlacement, ServingConfig, rendered_replicas
 
 ROOT = Path(__file__).resolve().parents[2]
 OWNER = Owner(name="maverick", namespace="llm", uid="0f6a-uid")
@@ -146,7 +147,7 @@ def test_serve_config_carries_a_valid_serving_config(maverick_state: Any) -> Non
     # so the override carries the replica count and request limit only.
     assert server == {
         "name": "LLMServer:maverick",
-        "num_replicas": 2,
+        "autoscaling_config": {"min_replicas": 2, "initial_replicas": 2, "max_replicas": 2},
         "max_ongoing_requests": 2 * maverick_state.serving.batching.max_num_seqs,
     }
     assert config.placement is None  # vLLM's own EPLB places the experts
@@ -274,7 +275,7 @@ def _serve_target_and_groups(state: Any) -> tuple[int, dict[str, int]]:
     (app,) = yaml.safe_load(ray_service["spec"]["serveConfigV2"])["applications"]
     (server,) = app["deployments"]
     groups = ray_service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
-    return server["num_replicas"], {g["groupName"]: g["replicas"] for g in groups}
+    return rendered_replicas(server), {g["groupName"]: g["replicas"] for g in groups}
 
 
 def test_a_scale_down_keeps_serves_target_until_the_retired_worker_is_deleted(
@@ -304,28 +305,27 @@ def test_a_scale_down_keeps_serves_target_until_the_retired_worker_is_deleted(
     )
 
 
-def test_external_ray_mode_renders_no_ray_service() -> None:
-    state = desired_state(
+def tiny_external(dashboard: str, **options: Any) -> Any:
+    """The tiny reference sample's state against an external Ray cluster at `dashboard`."""
+    return desired_state(
         OWNER,
         sample("tiny-reference"),
         h100_nodes(1),
         SETTINGS,
         Previous(),
-        external_dashboard="http://10.0.0.5:8265",
+        external_dashboard=dashboard,
+        **options,
     )
+
+
+def test_external_ray_mode_renders_no_ray_service() -> None:
+    state = tiny_external("http://10.0.0.5:8265")
     kinds = sorted(c["kind"] for c in state.children)
     assert kinds == ["ConfigMap", "EndpointSlice", "Service"]
     assert state.external_application is not None
     assert state.external_application["route_prefix"] == "/llm/maverick"
     ServingConfig.model_validate(state.external_application["args"])
-    by_name = desired_state(
-        OWNER,
-        sample("tiny-reference"),
-        h100_nodes(1),
-        SETTINGS,
-        Previous(),
-        external_dashboard="http://ray-head.ray.svc:8265",
-    )
+    by_name = tiny_external("http://ray-head.ray.svc:8265")
     (service,) = by_kind(by_name.children)["Service"]
     assert service["spec"] == {
         "type": "ExternalName",
@@ -337,18 +337,23 @@ def test_external_ray_mode_renders_no_ray_service() -> None:
 def test_external_ray_on_loopback_gets_no_endpoint_objects() -> None:
     # A Ray cluster on the operator's machine: pods cannot reach 127.0.0.1, and the API server
     # refuses loopback EndpointSlices.
-    state = desired_state(
-        OWNER,
-        sample("tiny-reference"),
-        h100_nodes(1),
-        SETTINGS,
-        Previous(),
-        external_dashboard="http://127.0.0.1:8265",
-    )
+    state = tiny_external("http://127.0.0.1:8265")
     assert [c["kind"] for c in state.children] == ["ConfigMap"]
     assert endpoint_url(OWNER, sample("tiny-reference"), "http://127.0.0.1:8265") == (
         "http://127.0.0.1:8000/llm/maverick/v1"
     )
+    assert endpoint_url(OWNER, sample("tiny-reference"), "http://127.0.0.1:8265", 8123) == (
+        "http://127.0.0.1:8123/llm/maverick/v1"
+    )
+
+
+def test_an_external_serve_proxy_port_reaches_the_endpoint_objects() -> None:
+    state = tiny_external("http://10.0.0.5:8265", external_serve_port=8123)
+    found = by_kind(state.children)
+    (service,) = found["Service"]
+    (endpoints,) = found["EndpointSlice"]
+    assert service["spec"]["ports"][0]["port"] == service["spec"]["ports"][0]["targetPort"] == 8123
+    assert endpoints["ports"][0]["port"] == 8123
 
 
 def test_tiny_reference_sample_renders_the_reference_engine() -> None:
@@ -412,6 +417,45 @@ def _application(state: Any) -> dict[str, Any]:
     return application
 
 
+@pytest.mark.parametrize("external", [None, "http://10.0.0.5:8265"])
+def test_scaled_to_zero_the_application_stays_with_its_engine_at_zero(external: str | None) -> None:
+    sleepy = {"enabled": True, "minReplicas": 0, "coldStartSeconds": 120}
+    state = desired_state(
+        OWNER,
+        sample("tiny-reference", replicas=0, autoscaling=sleepy),
+        h100_nodes(1),
+        SETTINGS,
+        Previous(),
+        external_dashboard=external,
+    )
+    assert state.asleep
+    assert state.placed_replicas == 0
+    application = _application(state)
+    ServeDeploySchema.model_validate({"applications": [application]})
+    (engine,) = (d for d in application["deployments"] if d["name"] == "LLMServer")
+    assert "num_replicas" not in engine
+    assert engine["autoscaling_config"]["min_replicas"] == 0
+    assert engine["autoscaling_config"]["max_replicas"] == 1
+    # A request that finds no replica waits out a cold start before a 503.
+    assert ServingConfig.model_validate(application["args"]).first_output_timeout_s == 90 + 120
+    if external is None:
+        (ray_service,) = by_kind(state.children)["RayService"]
+        groups = ray_service["spec"]["rayClusterConfig"].get("workerGroupSpecs") or []
+        assert all(group["replicas"] == 0 for group in groups)
+    # Scaled to zero by hand (no autoscaler to wake it), nothing is deployed in external mode.
+    stopped = desired_state(
+        OWNER,
+        sample("tiny-reference", replicas=0),
+        h100_nodes(1),
+        SETTINGS,
+        Previous(),
+        external_dashboard=external,
+    )
+    assert not stopped.asleep
+    if external is not None:
+        assert stopped.external_application is None
+
+
 def _reversed_rows(placement: ExpertPlacement) -> ExpertPlacement:
     """Another valid plan of the same shape (every row reversed), one version on."""
     return placement.model_copy(
@@ -431,7 +475,12 @@ def test_replicas_and_expert_plan_change_only_the_deployment_override(
     def render(replicas: int, previous: Previous) -> dict[str, Any]:
         state = desired_state(
             OWNER,
-            sample("maverick", replicas=replicas, engine={"name": "reference"}),
+            sample(
+                "maverick",
+                replicas=replicas,
+                engine={"name": "reference"},
+                autoscaling={"enabled": True, "minReplicas": 0},
+            ),
             h100_nodes(3),
             SETTINGS,
             previous,
@@ -443,9 +492,17 @@ def test_replicas_and_expert_plan_change_only_the_deployment_override(
     two = render(2, Previous())
     first_plan = ExpertPlacement.model_validate(one["deployments"][0]["user_config"]["placement"])
     rebalanced = render(2, Previous(experts=_reversed_rows(first_plan)))
+    asleep = render(0, Previous())
     assert json.dumps(one["args"]) == json.dumps(two["args"]) == json.dumps(rebalanced["args"])
     assert "placement" not in one["args"] or one["args"]["placement"] is None
-    assert [a["deployments"][0]["num_replicas"] for a in (one, two, rebalanced)] == [1, 2, 2]
+    assert [rendered_replicas(a["deployments"][0]) for a in (one, two, rebalanced)] == [1, 2, 2]
+    # Serve's code version (a new one rebuilds the application and replaces every replica) is
+    # the same at every count, zero included.
+    versions = {
+        get_app_code_version(ServeApplicationSchema.model_validate(a))
+        for a in (asleep, one, two, rebalanced)
+    }
+    assert len(versions) == 1
     placements = [a["deployments"][0]["user_config"]["placement"] for a in (two, rebalanced)]
     assert placements[0] != placements[1]
     assert placements[1]["version"] == first_plan.version + 1

@@ -6,9 +6,16 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
+from ray.serve.schema import DeploymentSchema
 
 from llama4_serving.app import build_app
-from llama4_serving.config import ExpertPlacement, RuntimeKnobs, ServingConfig
+from llama4_serving.config import (
+    ExpertPlacement,
+    RuntimeKnobs,
+    ServingConfig,
+    llm_server_overrides,
+    rendered_replicas,
+)
 from llama4_serving.openai_protocol import ChatCompletionRequest, CompletionRequest
 from llama4_serving.tiny import tiny_architecture
 
@@ -130,3 +137,28 @@ def test_chat_schema_accepts_image_parts() -> None:
     )
     assert request.messages[0].has_image()
     assert request.messages[0].text() == "what is this?"
+
+
+def test_zero_replicas_are_serve_autoscaling_from_zero_to_one() -> None:
+    # Serve refuses num_replicas 0; a deployment scaled to zero keeps its engine deployment, at
+    # zero replicas, and Serve's router holds requests until one runs.
+    asleep = llm_server_overrides(ServingConfig.model_validate(_args(num_replicas=0)))
+    assert "num_replicas" not in asleep
+    schema = DeploymentSchema.model_validate(asleep)
+    scaling = schema.autoscaling_config
+    assert isinstance(scaling, dict)
+    assert (scaling["min_replicas"], scaling["initial_replicas"], scaling["max_replicas"]) == (
+        0,
+        0,
+        1,
+    )
+    with pytest.raises(ValidationError, match="num_replicas"):
+        DeploymentSchema.model_validate({**asleep, "num_replicas": 0})
+    awake = llm_server_overrides(ServingConfig.model_validate(_args(num_replicas=2)))
+    assert "num_replicas" not in awake
+    assert awake["autoscaling_config"] == {
+        "min_replicas": 2,
+        "initial_replicas": 2,
+        "max_replicas": 2,
+    }
+    assert (rendered_replicas(asleep), rendered_replicas(awake)) == (0, 2)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import AsyncIterator, Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -14,7 +15,6 @@ import pytest
 from fastapi.testclient import TestClient
 from ray import cloudpickle, serve
 
-from llama4_serving import app as app_module
 from llama4_serving import metrics_targets
 from llama4_serving.app import OpenAIIngress, api
 from llama4_serving.config import BatchingLimits, ServingConfig, WeightsSource
@@ -450,7 +450,50 @@ def test_no_first_output_in_time_is_a_503(
         yield None
 
     monkeypatch.setattr(server.engine, "generate", never)
-    monkeypatch.setattr(app_module, "FIRST_OUTPUT_TIMEOUT_S", 0.05)
+    ingress: Any = serve.get_replica_context().servable_object
+    hurried = ingress.config.model_copy(update={"first_output_timeout_s": 0.05})
+    monkeypatch.setattr(ingress, "config", hurried)
     response = _post(client, "/v1/completions", COMPLETION)
     assert response.status_code == 503
     assert "no engine replica answered" in response.json()["error"]["message"]
+
+
+def test_the_queue_counts_generation_requests_until_their_answer_starts(
+    client: TestClient, server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reached_engine = threading.Event()
+
+    async def never(request_id: str, prompt: list[int], params: Any) -> AsyncIterator[Any]:
+        reached_engine.set()
+        await asyncio.sleep(3600)
+        yield None
+
+    monkeypatch.setattr(server.engine, "generate", never)
+    ingress: Any = serve.get_replica_context().servable_object
+    monkeypatch.setattr(
+        ingress, "config", ingress.config.model_copy(update={"first_output_timeout_s": 3.0})
+    )
+
+    # Serve pickles the app into the ingress replica, and mounts it at the application's route
+    # prefix (the ASGI root_path; paths keep it): count and route must still meet there.
+    prefix = "/llm/chat"
+    replica_client = TestClient(cloudpickle.loads(cloudpickle.dumps(api)), root_path=prefix)
+
+    def waiting() -> int:
+        response = replica_client.get(f"{prefix}/-/queue")  # no API key: a count only
+        assert response.status_code == 200
+        return int(response.json()["waiting_requests"])
+
+    assert waiting() == 0
+    answers: list[int] = []
+    caller = threading.Thread(
+        target=lambda: answers.append(
+            _post(replica_client, f"{prefix}/v1/completions", COMPLETION).status_code
+        )
+    )
+    caller.start()
+    assert reached_engine.wait(30), "the request never reached the engine"
+    assert waiting() == 1  # held, unanswered
+    caller.join()
+    assert answers == [503]  # no replica answered within the timeout
+    assert waiting() == 0

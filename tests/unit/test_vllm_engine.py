@@ -162,7 +162,11 @@ def test_overrides_name_the_deployment_ray_serve_llm_builds(tmp_path: Path) -> N
     (server,) = [s._bound_deployment for s in servers]
     assert server.name == engine_deployment_name(config) == "LLMServer:org--tiny_v1"
     overrides = llm_server_overrides(config)
-    assert overrides == {"name": server.name, "num_replicas": 3, "max_ongoing_requests": 64}
+    assert overrides == {
+        "name": server.name,
+        "autoscaling_config": {"min_replicas": 3, "initial_replicas": 3, "max_replicas": 3},
+        "max_ongoing_requests": 64,
+    }
     assert "user_config" not in overrides  # vLLM's LLMServer has no reconfigure
 
 
@@ -254,3 +258,9 @@ def test_the_vllm_ingress_asks_v1_callers_for_the_api_key(tmp_path: Path) -> Non
     assert client.get("/health").status_code == 200  # probes need no key
     key_file.write_text("rotated")
     assert client.get("/v1/models", headers={"Authorization": "Bearer sesame"}).status_code == 401
+    # On a shared Ray cluster the application sits under a route prefix, which Serve passes as
+    # the ASGI root_path while the path keeps it.
+    prefixed = TestClient(app, root_path="/llm/chat")
+    assert prefixed.get("/llm/chat/v1/models").status_code == 401
+    rotated = {"Authorization": "Bearer rotated"}
+    assert prefixed.get("/llm/chat/v1/models", headers=rotated).status_code == 200

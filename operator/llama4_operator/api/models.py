@@ -485,7 +485,16 @@ class AutoscalingSpec(ApiModel):
             "advice can be compared with the replicas you run before it is trusted."
         ),
     )
-    min_replicas: int = Field(default=1, ge=0, le=1000, description="Fewest replicas.")
+    min_replicas: int = Field(
+        default=1,
+        ge=0,
+        le=1000,
+        description=(
+            "Fewest replicas. 0 scales to zero after scaleDownDelaySeconds without traffic: "
+            "the endpoint stays up, requests that arrive wait (up to coldStartSeconds + 90 s) "
+            "while the autoscaler starts a replica, and are then answered."
+        ),
+    )
     max_replicas: int = Field(default=4, ge=1, le=1000, description="Most replicas.")
     target_tokens_per_second: int | None = Field(
         default=None,
@@ -517,6 +526,11 @@ class AutoscalingSpec(ApiModel):
             "ahead and count the backlog that builds meanwhile."
         ),
     )
+
+    @property
+    def scales_to_zero(self) -> bool:
+        """Whether the autoscaler may take the deployment to zero replicas (and wake it)."""
+        return self.enabled and self.min_replicas == 0
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingSpec:
@@ -839,8 +853,8 @@ class AutoscalingStatus(ApiModel):
     reason: str = Field(
         default="",
         description=(
-            "Why: scale_up_burst, scale_up_trend, scale_down_lull, hold_stable, "
-            "hold_metrics_stale, hold_cooldown, clamp_min or clamp_max."
+            "Why: scale_up_burst, scale_up_trend, scale_from_zero, scale_down_lull, "
+            "hold_stable, hold_metrics_stale, hold_cooldown, clamp_min or clamp_max."
         ),
     )
     message: str = Field(default="", description="The decision in words, with its numbers.")

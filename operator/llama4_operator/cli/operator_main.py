@@ -45,6 +45,17 @@ from llama4_operator.handlers import config as operator_config
     ),
 )
 @click.option(
+    "--external-ray-serve-port",
+    type=click.IntRange(1, 65535),
+    default=8000,
+    show_default=True,
+    envvar=operator_config.ENV_EXTERNAL_RAY_SERVE_PORT,
+    help=(
+        "Port of that Ray cluster's Serve HTTP proxy (`serve start --http-port`), where the "
+        "deployments' OpenAI endpoints answer."
+    ),
+)
+@click.option(
     "--ray-auth-token-file",
     metavar="FILE",
     envvar=operator_config.ENV_RAY_TOKEN_FILE,
@@ -219,6 +230,7 @@ def operator_command(
     all_namespaces: bool,
     metrics_port: int,
     external_ray_dashboard: str | None,
+    external_ray_serve_port: int,
     ray_auth_token_file: str | None,
     kubeconfig: str | None,
     resync_interval: float,
@@ -247,6 +259,7 @@ def operator_command(
         operator_config.ENV_RESYNC: str(resync_interval),
         operator_config.ENV_IMAGE: image,
         operator_config.ENV_EXTERNAL_RAY: external_ray_dashboard or "",
+        operator_config.ENV_EXTERNAL_RAY_SERVE_PORT: str(external_ray_serve_port),
         operator_config.ENV_RAY_TOKEN_FILE: ray_auth_token_file or "",
         operator_config.ENV_PEERING: peering or "",
         operator_config.ENV_ACCELERATOR: ray_accelerator_resource,

@@ -9,6 +9,10 @@ desired replicas or the kind of decision changes, so holding steady is quiet.
 
 In advisory mode (spec.autoscaling.mode: advisory) the same decision is made from the replicas
 that run and recorded the same way, as advice, and spec.replicas is never written.
+
+With minReplicas 0 the policy takes an idle deployment to zero. No replica then exports
+metrics, so at zero the autoscaler asks the ingress how many requests wait for an answer
+(`GET /-/queue`) and starts a replica when any do; they are answered once it serves.
 """
 
 from __future__ import annotations
@@ -24,16 +28,24 @@ from llama4_operator.api.models import AutoscalerReport, AutoscalingStatus
 from llama4_operator.handlers.config import OperatorConfig
 from llama4_operator.handlers.resource import Llama4Deployment
 from llama4_operator.kube import KubeApi
-from llama4_operator.planners.autoscaling import MetricSample, ScalingDecision
+from llama4_operator.planners.autoscaling import (
+    MetricSample,
+    ScalingDecision,
+    ScalingReason,
+    TokenPolicyConfig,
+)
 from llama4_operator.planners.autoscaling_inputs import (
     AutoscalerState,
+    asleep_decision,
     history_span_s,
     policy_config,
     reason_class,
     stale_decision,
+    wake_decision,
 )
 from llama4_operator.renderers.children import Owner
 from llama4_operator.serving_metrics import (
+    DeploymentTarget,
     MetricsUnavailable,
     ServingMetricsSource,
     source_for,
@@ -96,23 +108,9 @@ class Autoscaler:
         config = policy_config(spec.autoscaling, self.interval_s)
         current = spec.replicas
         advisory = spec.autoscaling.mode == "advisory"
-        target = resource.metrics_target(spec)
-        sample: MetricSample | None = None
-        read_error: str | None = None
-        try:
-            snapshot = await self.source.snapshot(target, routed=False)
-        except MetricsUnavailable as error:
-            read_error = str(error)
-        now_s = self.clock()
-        if advisory and state.last_replicas is not None and current > state.last_replicas:
-            # Someone else scaled up: the cooldown after a scale-up applies to the advice too.
-            state.last_scale_up_s = now_s
-        state.last_replicas = current
-        if read_error is None:
-            sample = state.observe(snapshot, current, history_span_s(config))
-            decision = state.decide(config, now_s, current)
-        else:
-            decision = stale_decision(current, config, read_error)
+        decision, sample, read_error, now_s = await self._decide(
+            resource.metrics_target(spec), state, config, current=current, advisory=advisory
+        )
         desired = decision.desired_replicas
         now = datetime.fromtimestamp(now_s, UTC)
         last_scale = previous.last_scale_time if previous is not None else None
@@ -169,9 +167,52 @@ class Autoscaler:
             state,
             decision,
             current,
-            warming_up=read_error is None and not sample,
+            # A wake is decided from the ingress' queue, with no sample: it is news all the same.
+            warming_up=read_error is None
+            and not sample
+            and decision.reason is not ScalingReason.SCALE_FROM_ZERO,
             advisory=advisory,
         )
+
+    async def _decide(
+        self,
+        target: DeploymentTarget,
+        state: AutoscalerState,
+        config: TokenPolicyConfig,
+        *,
+        current: int,
+        advisory: bool,
+    ) -> tuple[ScalingDecision, MetricSample | None, str | None, float]:
+        """Read, then decide: (decision, the new sample, why metrics were unreadable, now)."""
+        sample: MetricSample | None = None
+        read_error: str | None = None
+        waiting, queue_error = 0, ""
+        if current == 0 and config.min_replicas == 0:
+            # Scaled to zero: no replica exports anything; requests wait at the ingress.
+            try:
+                waiting = await self.source.waiting_requests(target)
+            except MetricsUnavailable as error:
+                queue_error = str(error)
+        if not waiting:
+            try:
+                snapshot = await self.source.snapshot(target, routed=False)
+            except MetricsUnavailable as error:
+                read_error = str(error)
+        now_s = self.clock()
+        if advisory and state.last_replicas is not None and current > state.last_replicas:
+            # Someone else scaled up: the cooldown after a scale-up applies to the advice too.
+            state.last_scale_up_s = now_s
+        state.last_replicas = current
+        if waiting:
+            decision = wake_decision(waiting, config)
+        elif read_error is None:
+            sample = state.observe(snapshot, current, history_span_s(config))
+            decision = state.decide(config, now_s, current)
+        elif current == 0 and config.min_replicas == 0:
+            decision = asleep_decision(config, queue_error or "no request waits")
+        else:
+            decision = stale_decision(current, config, read_error)
+        return decision, sample, read_error, now_s
 
     async def _write(self, owner: Owner, report: AutoscalerReport) -> None:
         """The autoscaler's part of the status: its whole block (unset fields as null, which

@@ -11,10 +11,12 @@ from importlib import metadata
 
 from llama4_operator.renderers.children import NetworkPolicySettings
 from llama4_operator.renderers.quantities import Quantity, parse_quantity
+from llama4_operator.renderers.serving import SERVE_HTTP_PORT
 
 ENV_IMAGE = "LLAMA4_SERVING_IMAGE"
 ENV_RAY_VERSION = "LLAMA4_RAY_VERSION"
 ENV_EXTERNAL_RAY = "LLAMA4_EXTERNAL_RAY_DASHBOARD"
+ENV_EXTERNAL_RAY_SERVE_PORT = "LLAMA4_EXTERNAL_RAY_SERVE_PORT"
 ENV_RAY_TOKEN_FILE = "LLAMA4_RAY_AUTH_TOKEN_FILE"
 ENV_RESYNC = "LLAMA4_RESYNC_INTERVAL_SECONDS"
 ENV_METRICS_PORT = "LLAMA4_METRICS_PORT"
@@ -70,6 +72,8 @@ class OperatorConfig:
     image: str = DEFAULT_IMAGE
     ray_version: str = ""
     external_ray_dashboard: str | None = None
+    external_ray_serve_port: int = SERVE_HTTP_PORT
+    """Port of that Ray cluster's Serve HTTP proxy, where its applications answer."""
     ray_auth_token_file: str | None = None
     """File holding the external Ray cluster's token; None: $RAY_AUTH_TOKEN, if set."""
     resync_interval_s: float = DEFAULT_RESYNC_S
@@ -111,6 +115,7 @@ class OperatorConfig:
             image=env.get(ENV_IMAGE) or DEFAULT_IMAGE,
             ray_version=env.get(ENV_RAY_VERSION) or _default_ray_version(),
             external_ray_dashboard=dashboard,
+            external_ray_serve_port=_port(env, ENV_EXTERNAL_RAY_SERVE_PORT, SERVE_HTTP_PORT),
             ray_auth_token_file=env.get(ENV_RAY_TOKEN_FILE) or None,
             resync_interval_s=resync,
             metrics_port=metrics_port,
@@ -237,6 +242,14 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
     if seconds < 1:
         raise ConfigError(f"{name} must be at least 1 second, got {seconds}")
     return seconds
+
+
+def _port(env: Mapping[str, str], name: str, default: int) -> int:
+    """A TCP port (1-65535) from the environment variable `name`."""
+    text = env.get(name) or str(default)
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ConfigError(f"{name} must be a TCP port (1-65535), got {text!r}")
+    return int(text)
 
 
 def _url(env: Mapping[str, str], name: str, example: str, when_empty: str) -> str | None:

@@ -229,6 +229,7 @@ class Reconciler:
             settings,
             previous,
             external_dashboard=self.config.external_ray_dashboard,
+            external_serve_port=self.config.external_ray_serve_port,
             service_monitor_available=service_monitor,
         )
 
@@ -237,7 +238,7 @@ class Reconciler:
 
     async def _sync_external(self, owner: Owner, state: DesiredState) -> None:
         assert self.dashboard is not None
-        if state.external_application is not None and state.placed_replicas:
+        if state.external_application is not None:
             await self.dashboard.deploy(state.external_application)
         else:
             await self.dashboard.remove(external_app_name(owner))
@@ -333,7 +334,14 @@ class Reconciler:
             health=health,
             selector=pod_selector(owner),
             endpoint=(
-                endpoint_url(owner, spec, self.config.external_ray_dashboard) if spec else ""
+                endpoint_url(
+                    owner,
+                    spec,
+                    self.config.external_ray_dashboard,
+                    self.config.external_ray_serve_port,
+                )
+                if spec
+                else ""
             ),
             previously_ready=previous.ready_replicas,
         )

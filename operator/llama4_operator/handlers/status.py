@@ -360,7 +360,13 @@ def deployment_conditions(state: DesiredState, health: ServeHealth | None) -> li
         if unplaced
         else ConditionUpdate("Degraded", "False", "AsExpected", "every replica is placed")
     )
-    if state.placed_replicas == 0:
+    if state.asleep:
+        # Ready as a scaled-to-zero Knative Service is: the endpoint answers, after a cold start
+        # (and no NotReady alert fires for a deployment that is idle by design).
+        message = "scaled to zero: the next request starts a replica and waits for it"
+        ready = ConditionUpdate("Ready", "True", "ScaledToZero", message)
+        progressing = ConditionUpdate("Progressing", "False", "ScaledToZero", message)
+    elif state.placed_replicas == 0:
         ready = ConditionUpdate("Ready", "False", "NoReplicas", "no replica is placed")
         progressing = ConditionUpdate(
             "Progressing", "False", "NoReplicas", "spec.replicas is 0 or no replica fits now"

@@ -54,6 +54,7 @@ class ScalingReason(StrEnum):
     """Why the policy chose its replica count; stable strings for status, events and metrics."""
 
     SCALE_UP_BURST = "scale_up_burst"
+    SCALE_FROM_ZERO = "scale_from_zero"
     SCALE_UP_TREND = "scale_up_trend"
     SCALE_DOWN_LULL = "scale_down_lull"
     HOLD_STABLE = "hold_stable"

@@ -22,9 +22,6 @@ from llama4_operator.planners.serving_snapshot import ServingSnapshot, summed_de
 # omitted. High on purpose: a guess above the truth shows up as a growing backlog, which both
 # scales up and calibrates the capacity; a guess below it would add replicas nothing measures.
 DEFAULT_CAPACITY_GUESS = 1000.0
-# Fewest replicas the live autoscaler asks for: at zero nothing serves, so no metric could show
-# demand coming back (minReplicas: 0 is for scale-to-zero by other means).
-FLOOR_REPLICAS = 1
 # Samples older than the policy's longest window (plus this margin) are dropped.
 HISTORY_MARGIN_S = 60.0
 
@@ -39,8 +36,8 @@ def policy_config(spec: AutoscalingSpec, interval_s: float) -> TokenPolicyConfig
     return TokenPolicyConfig(
         capacity_tokens_per_s=float(spec.target_tokens_per_second or DEFAULT_CAPACITY_GUESS),
         calibrate=spec.target_tokens_per_second is None,
-        min_replicas=max(spec.min_replicas, FLOOR_REPLICAS),
-        max_replicas=max(spec.max_replicas, FLOOR_REPLICAS),
+        min_replicas=spec.min_replicas,
+        max_replicas=spec.max_replicas,
         cold_start_s=float(spec.cold_start_seconds),
         scale_down_window_s=delay,
         scale_down_cooldown_s=delay,
@@ -136,3 +133,27 @@ def stale_decision(current_replicas: int, config: TokenPolicyConfig, why: str) -
         reason = ScalingReason.CLAMP_MIN if held > current_replicas else ScalingReason.CLAMP_MAX
         message = f"{current_replicas} is outside [{config.min_replicas}, {config.max_replicas}]"
     return ScalingDecision(held, reason, 0.0, config.capacity_tokens_per_s, message)
+
+
+def wake_decision(waiting_requests: int, config: TokenPolicyConfig) -> ScalingDecision:
+    """At zero replicas with requests waiting at the ingress: start replicas (minReplicas, at
+    least one); the policy sizes the deployment from their metrics once they serve."""
+    wake = max(config.min_replicas, 1)
+    return ScalingDecision(
+        wake,
+        ScalingReason.SCALE_FROM_ZERO,
+        0.0,
+        config.capacity_tokens_per_s,
+        f"{waiting_requests} request(s) wait at the ingress with no replica up: starting {wake}",
+    )
+
+
+def asleep_decision(config: TokenPolicyConfig, why: str) -> ScalingDecision:
+    """At zero replicas with nothing waiting: stay there (no replica, so no serving metrics)."""
+    return ScalingDecision(
+        0,
+        ScalingReason.HOLD_STABLE,
+        0.0,
+        config.capacity_tokens_per_s,
+        f"scaled to zero: the next request starts a replica ({why})",
+    )

@@ -551,14 +551,16 @@ def external_app_name(owner: Owner) -> str:
     return f"{owner.namespace}-{owner.name}"
 
 
-def render_external_endpoint(owner: Owner, dashboard_url: str) -> list[Object]:
+def render_external_endpoint(
+    owner: Owner, dashboard_url: str, serve_port: int = SERVE_HTTP_PORT
+) -> list[Object]:
     """The endpoint Service for an external Ray cluster: an ExternalName for a host name, or a
-    selector-less Service with an EndpointSlice for an IP address. Ports are Serve's. None for a
-    loopback address (a Ray cluster on the operator's own machine): pods cannot reach it, and
-    the API server refuses such endpoints."""
+    selector-less Service with an EndpointSlice for an IP address. Ports are Serve's
+    (`serve_port`, its HTTP proxy's). None for a loopback address (a Ray cluster on the
+    operator's own machine): pods cannot reach it, and the API server refuses such endpoints."""
     host = urlsplit(dashboard_url).hostname or ""
     metadata = _metadata(owner, owner.name, "endpoint")
-    port = {"name": "http", "port": SERVE_HTTP_PORT, "protocol": "TCP"}
+    port = {"name": "http", "port": serve_port, "protocol": "TCP"}
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
@@ -581,7 +583,7 @@ def render_external_endpoint(owner: Owner, dashboard_url: str) -> list[Object]:
             "apiVersion": "v1",
             "kind": "Service",
             "metadata": metadata,
-            "spec": {"type": "ClusterIP", "ports": [{**port, "targetPort": SERVE_HTTP_PORT}]},
+            "spec": {"type": "ClusterIP", "ports": [{**port, "targetPort": serve_port}]},
         },
         {
             "apiVersion": "discovery.k8s.io/v1",
@@ -595,7 +597,10 @@ def render_external_endpoint(owner: Owner, dashboard_url: str) -> list[Object]:
 
 
 def endpoint_url(
-    owner: Owner, spec: Llama4DeploymentSpec, external_dashboard: str | None = None
+    owner: Owner,
+    spec: Llama4DeploymentSpec,
+    external_dashboard: str | None = None,
+    external_serve_port: int = SERVE_HTTP_PORT,
 ) -> str:
     """The OpenAI base URL: the endpoint Service inside the cluster, or, for an external Ray
     cluster, its Serve proxy on the dashboard's host."""
@@ -603,7 +608,7 @@ def endpoint_url(
         host = urlsplit(external_dashboard).hostname or ""
         if ":" in host:
             host = f"[{host}]"  # an IPv6 literal
-        return f"http://{host}:{SERVE_HTTP_PORT}{external_route_prefix(owner)}/v1"
+        return f"http://{host}:{external_serve_port}{external_route_prefix(owner)}/v1"
     return f"http://{owner.name}.{owner.namespace}.svc:{spec.serving.port}/v1"
 
 
@@ -617,6 +622,7 @@ def render_children(
     gpu_product: str | None,
     settings: RayPodSettings,
     external_dashboard: str | None = None,
+    external_serve_port: int = SERVE_HTTP_PORT,
     service_monitor: bool = False,
     live_worker_groups: Sequence[Mapping[str, Any]] = (),
 ) -> list[Object]:
@@ -624,7 +630,7 @@ def render_children(
     is the expensive one, so the cheap objects are in place first)."""
     children: list[Object] = [render_expert_placement(owner, experts)]
     if external_dashboard:
-        children.extend(render_external_endpoint(owner, external_dashboard))
+        children.extend(render_external_endpoint(owner, external_dashboard, external_serve_port))
     else:
         children.append(render_endpoint_service(owner, spec))
         children.append(render_metrics_service(owner))

@@ -30,6 +30,7 @@ from llama4_operator.renderers.children import (
 )
 from llama4_operator.renderers.serving import (
     ENGINE_METRICS_PORT,
+    SERVE_HTTP_PORT,
     ExpertLayout,
     expert_balancer,
     plan_initial_experts,
@@ -62,6 +63,8 @@ class DesiredState:
     external_application: dict[str, Any] | None = None
     skipped_nodes: tuple[str, ...] = ()
     expert_balancer: ExpertBalancer = "none"
+    asleep: bool = False
+    """Scaled to zero by the autoscaler: the application stays, and a request wakes it."""
 
     @property
     def placed_replicas(self) -> int:
@@ -122,6 +125,7 @@ def desired_state(
     previous: Previous,
     *,
     external_dashboard: str | None = None,
+    external_serve_port: int = SERVE_HTTP_PORT,
     service_monitor_available: bool = False,
 ) -> DesiredState:
     """Plan and render. When the model does not fit, the state has no children."""
@@ -178,11 +182,13 @@ def desired_state(
         gpu_product=product_label,
         settings=settings,
         external_dashboard=external_dashboard,
+        external_serve_port=external_serve_port,
         service_monitor=spec.monitoring.service_monitor and service_monitor_available,
         live_worker_groups=previous.worker_groups,
     )
+    asleep = spec.replicas == 0 and spec.autoscaling.scales_to_zero
     application = None
-    if external_dashboard:
+    if external_dashboard and (placement.replicas or asleep):
         application = serve_application(
             config, external_app_name(owner), external_route_prefix(owner)
         )
@@ -195,4 +201,5 @@ def desired_state(
         external_application=application,
         skipped_nodes=tuple(skipped),
         expert_balancer=expert_balancer(spec, config.engine_args),
+        asleep=asleep,
     )

@@ -25,6 +25,7 @@ from llama4_operator.planners.fit import Layout
 from llama4_operator.planners.placement_metrics import Topology
 from llama4_operator.renderers.engine_placement import vllm_expert_parallel_args
 from llama4_serving.config import (
+    FIRST_OUTPUT_TIMEOUT_S,
     BatchingLimits,
     EngineArgValue,
     ExpertPlacement,
@@ -218,6 +219,9 @@ def serving_config(
         engine=spec.engine.name,
         engine_args=engine_args(spec, layout, experts),
         num_replicas=replicas,
+        # A request that finds the deployment scaled to zero waits for a replica to start.
+        first_output_timeout_s=FIRST_OUTPUT_TIMEOUT_S
+        + (spec.autoscaling.cold_start_seconds if spec.autoscaling.scales_to_zero else 0),
         # vLLM takes no external plan: its own EPLB balances the experts.
         placement=experts if spec.engine.name == "reference" else None,
         batching=BatchingLimits(

@@ -1,8 +1,10 @@
 """The Serve application as the operator renders it (`renderers.serving.serve_application`), on
 a real local Ray cluster: a new expert plan or replica count changes only `LLMServer`'s
 deployment-level override, and Ray Serve applies it to the running replicas instead of
-replacing them. Also the rebalance path on live counters: the operator's metrics source reads
-the replicas, the planners re-plan from the routed tokens, and the rendered plan goes live."""
+replacing them; at zero replicas a request waits at the ingress, which counts it (`/-/queue`),
+until Serve starts a replica for it. Also the rebalance path on live counters: the operator's
+metrics source reads the replicas, the planners re-plan from the routed tokens, and the
+rendered plan goes live."""
 
 from __future__ import annotations
 
@@ -53,12 +55,17 @@ def rendered(cluster: ServingCluster, replicas: int, plan: dict[str, Any]) -> di
     return serve_application(config, APP, "/")
 
 
-def replica_actor_ids() -> set[str]:
+def actor_ids(deployment: str) -> set[str]:
+    """Live replica actors of one of the application's deployments."""
     return {
         a.actor_id
         for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-        if a.class_name.endswith("LLMServer")
+        if a.class_name.endswith(deployment)
     }
+
+
+def replica_actor_ids() -> set[str]:
+    return actor_ids("LLMServer")
 
 
 def plan_versions() -> set[int | None]:
@@ -128,6 +135,29 @@ def test_rendered_plan_and_replica_changes_reconfigure_in_place(
         assert replicas < replica_actor_ids()  # the first replica was never replaced
         assert plan_versions() == {1}  # the new replica started with the current plan
         assert completes(serving_cluster)
+
+        # Zero, as a deployment the autoscaler put to sleep: Serve stops the replicas and keeps
+        # the ingress (same args, same code version: nothing is rebuilt).
+        ingress = actor_ids("OpenAIIngress")
+        asleep = rendered(serving_cluster, 0, ONE_GPU_V1)
+        assert json.dumps(asleep["args"]) == json.dumps(first["args"])
+        serving_cluster.deploy_application(asleep)
+        wait_until(lambda: not replica_actor_ids(), "no replica is alive")
+        queue_url = f"{serving_cluster.base_url}/-/queue"
+        assert httpx.get(queue_url, timeout=10).json() == {"waiting_requests": 0}
+        # A request now is held, and counted, until Serve has started a replica for it.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            started = time.monotonic()
+            answered = pool.submit(completes, serving_cluster, "wake up", 4)
+            wait_until(
+                lambda: httpx.get(queue_url, timeout=10).json()["waiting_requests"] == 1,
+                "the ingress counts the waiting request",
+            )
+            assert answered.result(timeout=TIMEOUT_S)
+            print(f"answered {time.monotonic() - started:.1f} s after arriving at zero replicas")
+        assert httpx.get(queue_url, timeout=10).json() == {"waiting_requests": 0}
+        assert len(replica_actor_ids()) == 1
+        assert actor_ids("OpenAIIngress") == ingress
     finally:
         serving_cluster.deploy()  # back to the fixture's application for other tests
         wait_until(lambda: len(replica_actor_ids()) == 1, "the fixture's replica is back")

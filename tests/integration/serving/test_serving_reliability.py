@@ -24,7 +24,7 @@ from serving_cluster import API_KEY, APP, MODEL, ServingCluster
 from llama4_serving.app import max_request_bytes
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
-# The app answers 503 after FIRST_OUTPUT_TIMEOUT_S (90 s) without a replica: a request still
+# The app answers 503 after first_output_timeout_s (90 s here) without a replica: a request still
 # open after this counts as hung.
 CLIENT_TIMEOUT_S = 180
 RECOVERY_TIMEOUT_S = 360

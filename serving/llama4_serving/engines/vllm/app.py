@@ -1,8 +1,9 @@
 """The vLLM engine's Serve application: `ray.serve.llm`'s `LLMServer` running vLLM, behind its
-OpenAI ingress, with two additions the project's API promises for every engine: `GET /health`
-(200 while every engine replica passes its health check) and the API key of `api_key_file`.
+OpenAI ingress, with the additions the project's API promises for every engine: `GET /health`
+(200 while every engine replica passes its health check), `GET /-/queue` (requests waiting for
+an answer, which wakes a deployment scaled to zero) and the API key of `api_key_file`.
 
-Both additions need the ingress' FastAPI app, which `ray.serve.llm.build_openai_app` creates
+These additions need the ingress' FastAPI app, which `ray.serve.llm.build_openai_app` creates
 inside; so this module wires the same parts itself (Ray 2.60's `make_fastapi_ingress` with an
 extra route and a middleware). Everything else (request models, vLLM's OpenAI serving, streaming,
 metrics) is Ray's and vLLM's.
@@ -36,12 +37,14 @@ from llama4_serving.api_key import api_key_refusal
 from llama4_serving.config import ServingConfig
 from llama4_serving.engines.vllm.llm_config import llm_config
 from llama4_serving.openai_protocol import error_body
+from llama4_serving.routes import is_openai_route
+from llama4_serving.waiting import QUEUE_PATH, count_waiting_requests, waiting_requests_report
 
 HEALTH_TIMEOUT_S = 10.0
 
 
 class Llama4Ingress(OpenAiIngress):
-    """Ray Serve LLM's OpenAI ingress plus `GET /health`."""
+    """Ray Serve LLM's OpenAI ingress plus `GET /health` and `GET /-/queue`."""
 
     async def health(self) -> Response:
         """200 when every model's engine deployment passes `check_health`, else 503."""
@@ -54,6 +57,10 @@ class Llama4Ingress(OpenAiIngress):
             return JSONResponse(error_body(message, "server_error", code=503), status_code=503)
         return JSONResponse({"status": "ok"})
 
+    async def queue(self, request: Request) -> Response:
+        """Generation requests held here whose answer has not started (see `waiting.py`)."""
+        return waiting_requests_report(request)
+
 
 def api_key_check(
     key_file: str,
@@ -63,7 +70,7 @@ def api_key_check(
     async def check(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
-        if request.url.path.split("/", 2)[1:2] == ["v1"]:
+        if is_openai_route(request):
             refusal = api_key_refusal(key_file, request.headers.get("authorization", ""))
             if refusal is not None:
                 return refusal
@@ -111,11 +118,13 @@ def build_vllm_app(config: ServingConfig) -> Application:
     llm = LLMConfig.model_validate(rendered)
     server = build_llm_deployment(llm)
     fastapi_app = init()
+    fastapi_app.middleware("http")(count_waiting_requests)
     if config.api_key_file is not None:
         fastapi_app.middleware("http")(api_key_check(config.api_key_file))
     endpoints: dict[str, Any] = {
         **DEFAULT_ENDPOINTS,
         "health": lambda app: app.get("/health"),
+        "queue": lambda app: app.get(QUEUE_PATH),
     }
     ingress = make_fastapi_ingress(Llama4Ingress, endpoint_map=endpoints, app=fastapi_app)
     options = {

@@ -16,6 +16,7 @@ from llama4_serving.config import (
     ServingConfig,
     engine_number,
     max_ongoing_requests,
+    replica_count_options,
 )
 
 GPU = "GPU"
@@ -108,7 +109,7 @@ def llm_config(config: ServingConfig) -> dict[str, Any]:
         "model_loading_config": loading,
         "engine_kwargs": engine_kwargs(config),
         "deployment_config": {
-            "num_replicas": config.num_replicas,
+            **replica_count_options(config.num_replicas),
             "max_ongoing_requests": max_ongoing_requests(config.batching),
         },
         "log_engine_metrics": True,
