@@ -314,11 +314,19 @@ def test_every_serving_rule_and_panel_has_data_from_vllm(served: Served) -> None
     ]
     assert rules.KV_CACHE_USAGE in recorded
     assert rules.REQUESTS_WAITING in recorded
+
+    def queried_under_traffic(expr: str) -> list[dict[str, Any]]:
+        # A request per look keeps vLLM's gauges fresh: an idle engine stops updating them,
+        # and on a loaded machine a gauge reported once had gone again before its rule came up.
+        client.completions.create(model=served.model, prompt="Metrics for", max_tokens=4)
+        return served.prometheus.query(expr)
+
     for record in recorded:
         wait_for(
-            lambda record=record: served.prometheus.query(f'{record}{{name="{NAME}"}}'),
+            lambda record=record: queried_under_traffic(f'{record}{{name="{NAME}"}}'),
             90,
             f"recording rule {record} from vLLM's series",
+            interval_s=2.0,
         )
     # What a user picks in Grafana: All namespaces (external-Ray series have none), this one.
     variables = {"$namespace": ".*", "$deployment": NAME}
@@ -331,9 +339,10 @@ def test_every_serving_rule_and_panel_has_data_from_vllm(served: Served) -> None
                 for variable, value in variables.items():
                     expr = expr.replace(variable, value)
                 wait_for(
-                    lambda expr=expr: served.prometheus.query(expr),
+                    lambda expr=expr: queried_under_traffic(expr),
                     60,
                     f"panel {panel['title']!r} from vLLM's series: {expr}",
+                    interval_s=2.0,
                 )
 
 
