@@ -262,11 +262,14 @@ def _instant_value(item: Mapping[str, Any]) -> tuple[dict[str, str], float]:
     return labels, float(value)
 
 
+def ingress_url(endpoint: str, path: str) -> str:
+    """A route of the ingress (`path`, e.g. /-/queue) from the OpenAI base URL (ending in /v1)."""
+    return endpoint.rstrip("/").removesuffix("/v1") + path
+
+
 def targets_url(endpoint: str) -> str:
-    """The ingress' service-discovery URL from the OpenAI base URL (which ends in /v1)."""
-    base = endpoint.rstrip("/")
-    base = base.removesuffix("/v1")
-    return base + TARGETS_PATH
+    """The ingress' service-discovery URL from the OpenAI base URL."""
+    return ingress_url(endpoint, TARGETS_PATH)
 
 
 async def read_waiting_requests(
@@ -275,7 +278,7 @@ async def read_waiting_requests(
     """`waiting_requests` of both sources: the ingress answers it, whichever engine runs."""
     if not target.endpoint:
         raise MetricsUnavailable("the deployment has no endpoint yet (status.endpoint)")
-    url = target.endpoint.rstrip("/").removesuffix("/v1") + QUEUE_PATH
+    url = ingress_url(target.endpoint, QUEUE_PATH)
     try:
         async with httpx.AsyncClient(timeout=TIMEOUT_S, transport=transport, verify=_TLS) as http:
             response = await http.get(url)

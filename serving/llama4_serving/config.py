@@ -266,7 +266,7 @@ def application_args(config: ServingConfig) -> dict[str, Any]:
 
 
 # A deployment scaled to zero keeps a replica Serve woke for a request this long after its last
-# one: time for the operator's autoscaler (which ticks every 30 s by default) to take it over.
+# one: time for the operator's autoscaler (which decides every 15 s by default) to take it over.
 WOKEN_REPLICA_HOLD_S = 60.0
 
 

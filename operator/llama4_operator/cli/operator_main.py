@@ -47,7 +47,7 @@ from llama4_operator.handlers import config as operator_config
 @click.option(
     "--external-ray-serve-port",
     type=click.IntRange(1, 65535),
-    default=8000,
+    default=operator_config.DEFAULT_EXTERNAL_RAY_SERVE_PORT,
     show_default=True,
     envvar=operator_config.ENV_EXTERNAL_RAY_SERVE_PORT,
     help=(

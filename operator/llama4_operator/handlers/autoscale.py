@@ -187,7 +187,8 @@ class Autoscaler:
         sample: MetricSample | None = None
         read_error: str | None = None
         waiting, queue_error = 0, ""
-        if current == 0 and config.min_replicas == 0:
+        asleep = current == 0 and config.min_replicas == 0
+        if asleep:
             # Scaled to zero: no replica exports anything; requests wait at the ingress.
             try:
                 waiting = await self.source.waiting_requests(target)
@@ -208,7 +209,7 @@ class Autoscaler:
         elif read_error is None:
             sample = state.observe(snapshot, current, history_span_s(config))
             decision = state.decide(config, now_s, current)
-        elif current == 0 and config.min_replicas == 0:
+        elif asleep:
             decision = asleep_decision(config, queue_error or "no request waits")
         else:
             decision = stale_decision(current, config, read_error)

@@ -17,6 +17,7 @@ ENV_IMAGE = "LLAMA4_SERVING_IMAGE"
 ENV_RAY_VERSION = "LLAMA4_RAY_VERSION"
 ENV_EXTERNAL_RAY = "LLAMA4_EXTERNAL_RAY_DASHBOARD"
 ENV_EXTERNAL_RAY_SERVE_PORT = "LLAMA4_EXTERNAL_RAY_SERVE_PORT"
+DEFAULT_EXTERNAL_RAY_SERVE_PORT = SERVE_HTTP_PORT
 ENV_RAY_TOKEN_FILE = "LLAMA4_RAY_AUTH_TOKEN_FILE"
 ENV_RESYNC = "LLAMA4_RESYNC_INTERVAL_SECONDS"
 ENV_METRICS_PORT = "LLAMA4_METRICS_PORT"
@@ -72,7 +73,7 @@ class OperatorConfig:
     image: str = DEFAULT_IMAGE
     ray_version: str = ""
     external_ray_dashboard: str | None = None
-    external_ray_serve_port: int = SERVE_HTTP_PORT
+    external_ray_serve_port: int = DEFAULT_EXTERNAL_RAY_SERVE_PORT
     """Port of that Ray cluster's Serve HTTP proxy, where its applications answer."""
     ray_auth_token_file: str | None = None
     """File holding the external Ray cluster's token; None: $RAY_AUTH_TOKEN, if set."""
@@ -115,7 +116,9 @@ class OperatorConfig:
             image=env.get(ENV_IMAGE) or DEFAULT_IMAGE,
             ray_version=env.get(ENV_RAY_VERSION) or _default_ray_version(),
             external_ray_dashboard=dashboard,
-            external_ray_serve_port=_port(env, ENV_EXTERNAL_RAY_SERVE_PORT, SERVE_HTTP_PORT),
+            external_ray_serve_port=_port(
+                env, ENV_EXTERNAL_RAY_SERVE_PORT, DEFAULT_EXTERNAL_RAY_SERVE_PORT
+            ),
             ray_auth_token_file=env.get(ENV_RAY_TOKEN_FILE) or None,
             resync_interval_s=resync,
             metrics_port=metrics_port,
